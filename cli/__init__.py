@@ -1,0 +1,1 @@
+"""The ``hbbus`` command line."""

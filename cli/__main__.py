@@ -1,0 +1,3 @@
+from hbbus.cli.main import main
+
+main()

@@ -1,0 +1,411 @@
+"""``hbbus``: the operator's command line. Each command is one call into the library."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Coroutine
+from datetime import datetime
+from typing import Any, NoReturn
+
+import click
+import orjson
+
+import hbbus
+from hbbus import ops
+from hbbus.errors import ConfigError, HbbusError, NotFound, Unavailable
+from hbbus.names import split_instance_id
+from hbbus.runtime import install_signal_handlers, run, setup_logging
+from hbbus.settings import DEFAULT_NAMESPACE, Settings, check_name
+from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1  # doctor found a problem
+EXIT_USAGE = 2  # bad argument or setting (click's own code for usage errors)
+EXIT_NOT_FOUND = 3  # the named instance, group or queue does not exist
+EXIT_UNAVAILABLE = 69  # RabbitMQ or Redis unreachable (sysexits EX_UNAVAILABLE)
+
+EPILOG = """\b
+Examples:
+  hbbus demo --duration 30
+  hbbus aggregator -v
+  hbbus send api api-1 --every 1 --meta endpoint=10.0.0.5:8080
+  hbbus status --state dead
+  hbbus events --follow 'dead.#'
+  hbbus failover run --group db --bind 'dead.db.*' --exec ./promote.sh
+"""
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"hbbus: error: {message}", err=True)
+    sys.exit(code)
+
+
+class HbbusGroup(click.Group):
+    """Turns the errors a user can fix into one line on stderr and a named exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            fail(str(exc), EXIT_USAGE)
+        except NotFound as exc:
+            fail(str(exc), EXIT_NOT_FOUND)
+        except Unavailable as exc:
+            fail(str(exc), EXIT_UNAVAILABLE)
+        except HbbusError as exc:
+            fail(str(exc), EXIT_PROBLEMS)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    return ctx.find_root().obj["settings"]
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    return run(coro)
+
+
+@click.group(cls=HbbusGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--amqp-url", envvar="HBBUS_AMQP_URL", show_envvar=True,
+              help="RabbitMQ URL [default: amqp://guest:guest@127.0.0.1:5672/]")
+@click.option("--redis-url", envvar="HBBUS_REDIS_URL", show_envvar=True,
+              help="Redis URL [default: redis://127.0.0.1:6379/0]")
+@click.option("--namespace", envvar="HBBUS_NAMESPACE", show_envvar=True,
+              help=f"prefix of every exchange, queue and key [default: {DEFAULT_NAMESPACE}]")
+@click.option("-v", "--verbose", count=True, help="-v: info logs, -vv: debug logs")
+@click.version_option(hbbus.__version__, prog_name="hbbus")
+@click.pass_context
+def cli(ctx: click.Context, amqp_url: str | None, redis_url: str | None, namespace: str | None,
+        verbose: int) -> None:
+    """hbbus — a heartbeat bus: heartbeats over RabbitMQ, liveness in Redis, failover events."""
+    setup_logging(verbose)
+    try:
+        settings = Settings.from_env({}, amqp_url=amqp_url, redis_url=redis_url,
+                                     namespace=namespace)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+    ctx.obj = {"settings": settings, "verbose": verbose}
+
+
+def verbose_option(func: Any) -> Any:
+    """``-v`` after the command name too (``hbbus aggregator -v``)."""
+
+    def bump(ctx: click.Context, _param: click.Parameter, value: int) -> int:
+        if value:
+            setup_logging(ctx.find_root().obj["verbose"] + value)
+        return value
+
+    return click.option("-v", "--verbose", count=True, expose_value=False, callback=bump,
+                        help="-v: info logs, -vv: debug logs")(func)
+
+
+def parse_meta(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``key=value`` pairs; a value that reads as JSON (number, true, null…) is typed."""
+    meta: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--meta expects key=value, got {pair!r}")
+        try:
+            meta[key] = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            meta[key] = value
+    return meta
+
+
+# -- services -------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("service")
+@click.argument("instance")
+@click.option("--every", type=click.FloatRange(min=0.01), help="keep sending every SECONDS "
+              "until SIGINT/SIGTERM, then publish `left`")
+@click.option("--interval", type=click.FloatRange(min=0.01),
+              help="one-shot sends: the declared interval in seconds [default: 60]")
+@click.option("--misses", type=click.IntRange(min=1), default=3, show_default=True,
+              help="missed intervals before the instance is dead")
+@click.option("--meta", "meta_pairs", multiple=True, metavar="KEY=VALUE", help="repeatable")
+@click.option("--status", type=click.Choice(["ok", "degraded", "draining"]), default="ok",
+              show_default=True)
+@click.option("--incarnation", help="one-shot sends only: the process identity [default: "
+              "'oneshot'; seq is the current time in ms so repeated sends stay in order]")
+@click.pass_context
+def send(ctx: click.Context, service: str, instance: str, every: float | None,
+         interval: float | None, misses: int, meta_pairs: tuple[str, ...], status: str,
+         incarnation: str | None) -> None:
+    """Send heartbeats for SERVICE INSTANCE: one (for cron and scripts), or --every SECONDS."""
+    settings = settings_of(ctx)
+    check_name(service, "service")
+    check_name(instance, "instance")
+    meta = parse_meta(meta_pairs)
+    if every is not None and interval is not None:
+        raise ConfigError("--interval is for one-shot sends; with --every the interval is EVERY")
+    if every is None:
+        now_ms = int(time.time() * 1000)
+        beat = Heartbeat(service, instance, check_name(incarnation or "oneshot", "incarnation"),
+                         now_ms, round((interval or 60.0) * 1000), misses, now_ms, status, meta)
+        if len(beat.encode()) > MAX_MESSAGE_BYTES:
+            raise ConfigError(f"heartbeat would exceed {MAX_MESSAGE_BYTES} bytes; trim --meta")
+        run_async(ops.send_once(settings, beat))
+        return
+    from hbbus.client import Heartbeater
+
+    async def keep_sending() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        hb = Heartbeater(service, instance, interval_s=every, misses=misses, meta=meta,
+                         settings=settings, status=status)
+        async with hb:
+            await stop.wait()
+        click.echo(f"sent {hb.sent} heartbeats, then left", err=True)
+
+    run_async(keep_sending())
+
+
+# -- workers ----------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--prefetch", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--lease-ms", type=click.IntRange(min=100), default=5000, show_default=True,
+              help="how long a claimed event may stay unpublished before another aggregator "
+              "publishes it")
+@click.option("--retention-s", type=click.IntRange(min=1), default=86400, show_default=True,
+              help="how long dead and left records are kept")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=0,
+              help="serve Prometheus metrics on this port (0: off)")
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True)
+@verbose_option
+@click.pass_context
+def aggregator(ctx: click.Context, prefetch: int, lease_ms: int, retention_s: int,
+               metrics_port: int, metrics_addr: str) -> None:
+    """Run an aggregator: ingest heartbeats into Redis and publish transitions (until SIGTERM)."""
+    from hbbus import metrics
+    from hbbus.store import StoreConfig
+    from hbbus.workers.aggregator import Aggregator, AggregatorConfig
+
+    config = AggregatorConfig(prefetch=prefetch, store=StoreConfig(
+        lease_ms=lease_ms, retention_ms=retention_s * 1000))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        metrics.serve(metrics_port, metrics_addr)
+        await Aggregator(settings_of(ctx), config).run(stop)
+
+    run_async(main())
+
+
+@cli.group()
+def failover() -> None:
+    """Failover consumers: run one, inspect and replay its dead letters."""
+
+
+@failover.command("run")
+@click.option("--group", required=True, help="consumer group (one durable queue per group)")
+@click.option("--bind", "bindings", multiple=True, required=True, metavar="PATTERN",
+              help="event routing-key pattern, e.g. 'dead.db.*' (repeatable)")
+@click.option("--exec", "command", required=True, help="shell command run once per event, "
+              "event JSON on stdin; non-zero exit = failure = retry")
+@click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--backoff", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="first retry delay in seconds, doubled per retry")
+@click.option("--max-backoff", type=click.FloatRange(min=0.01), default=60.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="seconds before the command is killed (a failure)")
+@verbose_option
+@click.pass_context
+def failover_run(ctx: click.Context, group: str, bindings: tuple[str, ...], command: str,
+                 max_retries: int, backoff: float, max_backoff: float, timeout: float) -> None:
+    """Run COMMAND once per event matching the bindings (until SIGTERM)."""
+    from hbbus.failover import RetryPolicy
+    from hbbus.workers.failover_runner import exec_consumer
+
+    retry = RetryPolicy(max_retries=max_retries, base_s=backoff, max_s=max(backoff, max_backoff))
+    consumer = exec_consumer(settings_of(ctx), group, bindings, command, retry=retry,
+                             timeout_s=timeout)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await consumer.run(stop)
+
+    run_async(main())
+
+
+@failover.command("dlq")
+@click.option("--group", required=True)
+@click.option("--replay", is_flag=True, help="move the messages back to the group's queue")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def failover_dlq(ctx: click.Context, group: str, replay: bool, limit: int, as_json: bool) -> None:
+    """Show (or --replay) the events a group gave up on, with their last error."""
+    from hbbus.failover import dlq_messages
+
+    check_name(group, "group")
+    items = run_async(dlq_messages(settings_of(ctx), group, limit, replay))
+    for item in items:
+        if as_json:
+            click.echo(orjson.dumps(item).decode())
+        else:
+            click.echo(f"{item['body']}\n    attempts={item['attempts']} error={item['error']}")
+    if not as_json:
+        click.echo(f"{len(items)} {'replayed' if replay else 'dead-lettered'} events", err=True)
+
+
+# -- operators -------------------------------------------------------------------------------------
+def fmt_age(ms: int) -> str:
+    if ms < 10_000:
+        return f"{ms / 1000:.1f}s"
+    if ms < 3_600_000:
+        return f"{ms // 60_000}m{ms // 1000 % 60:02d}s"
+    return f"{ms // 3_600_000}h{ms // 60_000 % 60:02d}m"
+
+
+def fmt_meta(meta: dict[str, Any], width: int = 48) -> str:
+    text = " ".join(f"{k}={v}" for k, v in meta.items())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def status_table(rows: list[dict[str, Any]], title: str | None = None) -> Any:
+    from rich.table import Table
+
+    colours = {"alive": "green", "dead": "bold red", "left": "dim"}
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for col in ("service", "instance", "state", "age", "seq", "incarnation", "meta"):
+        table.add_column(col, justify="right" if col in ("age", "seq") else "left")
+    for r in rows:
+        state = r["state"] if r["status"] in ("ok", "left", "") else f"{r['state']} ({r['status']})"
+        table.add_row(r["service"], r["instance"], f"[{colours.get(r['state'], '')}]{state}",
+                      fmt_age(r["age_ms"]), str(r["seq"]), r["incarnation"], fmt_meta(r["meta"]))
+    return table
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    counts = {s: sum(1 for r in rows if r["state"] == s) for s in ops.STATES}
+    return f"{len(rows)} instances: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
+@cli.command()
+@click.option("--service", help="only this service")
+@click.option("--state", type=click.Choice(ops.STATES), help="only instances in this state")
+@click.option("--json", "as_json", is_flag=True, help="one JSON array")
+@click.pass_context
+def status(ctx: click.Context, service: str | None, state: str | None, as_json: bool) -> None:
+    """A table of every instance: state, age of its last heartbeat, seq, incarnation, meta."""
+    rows = run_async(ops.status(settings_of(ctx), service, state))
+    if as_json:
+        click.echo(orjson.dumps(rows).decode())
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(summary(rows), highlight=False)
+    if rows:
+        console.print(status_table(rows))
+
+
+@cli.command()
+@click.argument("target", metavar="SERVICE/INSTANCE")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def show(ctx: click.Context, target: str, as_json: bool) -> None:
+    """One instance's record and its recent transitions."""
+    service, instance = split_instance_id(target)
+    row = run_async(ops.show(settings_of(ctx), service, instance))
+    if as_json:
+        click.echo(orjson.dumps(row).decode())
+        return
+    for key in ("service", "instance", "state", "status", "incarnation", "seq", "interval_ms",
+                "ttl_ms", "alive_key_ttl_ms"):
+        click.echo(f"{key:>17}: {row[key]}")
+    click.echo(f"{'last heartbeat':>17}: {fmt_age(row['age_ms'])} ago")
+    click.echo(f"{'meta':>17}: {orjson.dumps(row['meta']).decode()}")
+    click.echo("history (newest first):")
+    for event in row["history"]:
+        click.echo("  " + fmt_event(event))
+
+
+def fmt_event(event: dict[str, Any]) -> str:
+    at = datetime.fromtimestamp(event["at_ms"] / 1000).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    extra = ""
+    if event["kind"] == "dead":
+        extra = f"  silent {event['at_ms'] - event['last_seen_ms']} ms (ttl {event['ttl_ms']} ms)"
+    return (f"{at}  {event['kind']:<10} {event['service']}/{event['instance']}  "
+            f"inc={event['incarnation']} seq={event['seq']} id={event['id']}{extra}")
+
+
+@cli.command()
+@click.argument("pattern", default="#")
+@click.option("--follow", "-f", is_flag=True, help="keep printing live events")
+@click.option("--json", "as_json", is_flag=True, help="one event JSON per line, flushed")
+@click.option("--last", type=click.IntRange(min=0), default=20, show_default=True,
+              help="how many past events to print first")
+@click.pass_context
+def events(ctx: click.Context, pattern: str, follow: bool, as_json: bool, last: int) -> None:
+    """Recent transitions matching PATTERN (e.g. 'dead.#', '*.db.*'), then live with --follow."""
+    settings = settings_of(ctx)
+
+    def emit(event: dict[str, Any]) -> None:
+        click.echo(orjson.dumps(event).decode() if as_json else fmt_event(event))
+        sys.stdout.flush()
+
+    async def main() -> None:
+        if not follow:
+            for event in await ops.recent_events(settings, pattern, last):
+                emit(event)
+            return
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        async for event in ops.follow_events(settings, pattern, last, stop):
+            emit(event)
+
+    run_async(main())
+
+
+@cli.command()
+@click.argument("target", metavar="SERVICE/INSTANCE")
+@click.pass_context
+def forget(ctx: click.Context, target: str) -> None:
+    """Remove an instance's record (it rejoins if it is still heartbeating)."""
+    service, instance = split_instance_id(target)
+    run_async(ops.forget(settings_of(ctx), service, instance))
+    click.echo(f"forgot {service}/{instance}")
+
+
+@cli.command()
+@click.pass_context
+def doctor(ctx: click.Context) -> None:
+    """Check RabbitMQ, Redis, the topology, the aggregators and the clock; say what is wrong."""
+    report = run_async(ops.doctor(settings_of(ctx)))
+    for check in report.checks:
+        mark = "ok  " if check.ok else ("warn" if check.warning else "FAIL")
+        click.echo(f"[{mark}] {check.name}: {check.detail}")
+    if not all(c.ok or c.warning for c in report.checks):
+        sys.exit(EXIT_PROBLEMS)
+
+
+@cli.command()
+@click.option("--duration", type=click.FloatRange(min=10), default=45.0, show_default=True,
+              help="seconds; the demo ends by itself")
+@click.option("--demo-namespace", help="namespace for the demo [default: <namespace>-demo]")
+@click.option("--keep", is_flag=True, help="keep the demo's queues and keys afterwards")
+@verbose_option
+@click.pass_context
+def demo(ctx: click.Context, duration: float, demo_namespace: str | None, keep: bool) -> None:
+    """A simulated fleet, two aggregators and a failover consumer, live in the terminal."""
+    from hbbus.workers.demo import run_demo
+
+    settings = settings_of(ctx)
+    settings = settings.with_namespace(demo_namespace or f"{settings.namespace}-demo"[:64])
+    code = run_async(run_demo(settings, duration, keep=keep))
+    sys.exit(code)
+
+
+def main() -> None:
+    cli(prog_name="hbbus")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""RabbitMQ connections and the topology every part declares (all names from hbbus.names)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import AMQPError
+
+from hbbus.errors import Unavailable
+from hbbus.names import Names
+from hbbus.settings import Settings, redact
+
+#: Errors that mean "the broker is not there (any more)".
+AMQP_ERRORS: tuple[type[BaseException], ...] = (AMQPError, OSError, asyncio.TimeoutError)
+
+AGGREGATOR_QUEUE_ARGS = {"x-max-length": 1_000_000, "x-overflow": "drop-head"}
+PARKING_QUEUE_ARGS = {"x-max-length": 10_000, "x-overflow": "drop-head"}
+
+
+async def connect(settings: Settings, name: str, *, robust: bool = True,
+                  timeout_s: float = 5.0) -> AbstractRobustConnection:
+    """Open a connection named ``name`` (shown in the management UI); Unavailable if it fails."""
+    factory = aio_pika.connect_robust if robust else aio_pika.connect
+    try:
+        return await factory(  # type: ignore[return-value]
+            settings.amqp_url,
+            timeout=timeout_s,
+            client_properties={"connection_name": name},
+        )
+    except AMQP_ERRORS as exc:
+        raise Unavailable(
+            f"RabbitMQ at {redact(settings.amqp_url)} unreachable: {exc or type(exc).__name__}"
+        ) from None
+
+
+async def declare_heartbeats(channel: AbstractChannel, names: Names) -> AbstractExchange:
+    return await channel.declare_exchange(
+        names.heartbeats_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+
+
+async def declare_ingest(channel: AbstractChannel, names: Names) -> AbstractQueue:
+    """The heartbeat exchange, the aggregators' queue bound to it, and the parking queue."""
+    exchange = await declare_heartbeats(channel, names)
+    queue = await channel.declare_queue(
+        names.aggregator_queue, durable=True, arguments=AGGREGATOR_QUEUE_ARGS
+    )
+    await queue.bind(exchange, "hb.#")
+    await channel.declare_queue(names.invalid_queue, durable=True, arguments=PARKING_QUEUE_ARGS)
+    return queue
+
+
+async def declare_events(channel: AbstractChannel, names: Names) -> AbstractExchange:
+    """The events exchange. Events no queue wants go to its alternate exchange's queue, so a
+    mandatory publish never bounces and nothing is silently dropped."""
+    unrouted = await channel.declare_exchange(
+        names.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    queue = await channel.declare_queue(
+        names.unrouted_queue, durable=True, arguments=PARKING_QUEUE_ARGS
+    )
+    await queue.bind(unrouted, "")
+    return await channel.declare_exchange(
+        names.events_exchange,
+        aio_pika.ExchangeType.TOPIC,
+        durable=True,
+        arguments={"alternate-exchange": names.unrouted_exchange},
+    )
+
+
+async def declare_failover(channel: AbstractChannel, names: Names, group: str,
+                           bindings: Iterable[str], retry_delays_ms: Iterable[int]) -> AbstractQueue:
+    """A consumer group's durable queue with its bindings, retry (delay) queues and DLQ."""
+    events = await declare_events(channel, names)
+    main = names.failover_queue(group)
+    queue = await channel.declare_queue(main, durable=True)
+    for pattern in bindings:
+        await queue.bind(events, pattern)
+    for delay_ms in set(retry_delays_ms):
+        await channel.declare_queue(
+            names.failover_retry_queue(group, delay_ms),
+            durable=True,
+            arguments={
+                "x-message-ttl": delay_ms,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": main,
+            },
+        )
+    await channel.declare_queue(names.failover_dlq(group), durable=True)
+    return queue

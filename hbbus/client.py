@@ -1,0 +1,307 @@
+"""The heartbeat client: :class:`Heartbeater` (asyncio) and :class:`SyncHeartbeater` (a thread).
+
+The client never blocks its host: publishing happens in a background task, each publish is
+bounded by the interval, nothing is queued (a heartbeat that cannot go out is dropped and
+counted, the next one carries the news), and a broker outage only pauses heartbeats — the
+task reconnects with capped backoff and carries on with the same incarnation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import orjson
+
+from hbbus.amqp import AMQP_ERRORS, connect, declare_heartbeats
+from hbbus.errors import ConfigError, Unavailable
+from hbbus.names import Names
+from hbbus.settings import Settings, check_name
+from hbbus.wire import MAX_MESSAGE_BYTES, STATUSES, Heartbeat
+
+log = logging.getLogger("hbbus.client")
+
+Meta = dict[str, Any]
+MetaSource = Meta | Callable[[], Meta | Awaitable[Meta]] | None
+
+
+def new_incarnation() -> str:
+    """A fresh incarnation id: start time (hex ms) and randomness; new per process start."""
+    return f"{int(time.time() * 1000):x}-{secrets.token_hex(4)}"
+
+
+def _check_meta(meta: Any) -> Meta:
+    if not isinstance(meta, dict):
+        raise ConfigError(f"meta must be a dict, got {type(meta).__name__}")
+    size = len(orjson.dumps(meta))
+    if size > MAX_MESSAGE_BYTES - 512:
+        raise ConfigError(f"meta is {size} bytes encoded; keep it under {MAX_MESSAGE_BYTES - 512}")
+    return meta
+
+
+class Heartbeater:
+    """Publish heartbeats for one instance of a service while the context is open.
+
+    ``async with Heartbeater("api", "api-1", interval_s=1, misses=3, meta={...}):`` — on a
+    clean exit it publishes ``left``. ``meta`` may be a dict or a callable (sync or async)
+    that returns one; it is read for every heartbeat.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        instance: str,
+        *,
+        interval_s: float = 1.0,
+        misses: int = 3,
+        meta: MetaSource = None,
+        settings: Settings | None = None,
+        status: str = "ok",
+        connect_timeout_s: float = 5.0,
+        max_backoff_s: float = 5.0,
+    ) -> None:
+        self.service = check_name(service, "service")
+        self.instance = check_name(instance, "instance")
+        if not interval_s > 0:
+            raise ConfigError(f"interval_s must be positive, got {interval_s}")
+        if int(misses) < 1:
+            raise ConfigError(f"misses must be at least 1, got {misses}")
+        self.interval_s = float(interval_s)
+        self.misses = int(misses)
+        self.settings = settings or Settings.from_env()
+        self.names = Names(self.settings.namespace)
+        self.incarnation = new_incarnation()
+        self.connect_timeout_s = connect_timeout_s
+        self.max_backoff_s = max_backoff_s
+        self.seq = 0
+        self.sent = 0
+        self.dropped = 0
+        self.connects = 0
+        self._meta: MetaSource = _check_meta(meta) if isinstance(meta, dict) else meta
+        self._last_meta: Meta = meta if isinstance(meta, dict) else {}
+        self.set_status(status)
+        self._stop = asyncio.Event()
+        self._leave = True
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return (f"Heartbeater({self.service}/{self.instance}, inc={self.incarnation}, "
+                f"seq={self.seq}, ns={self.settings.namespace!r})")
+
+    # -- control -----------------------------------------------------------------------------
+    def set_status(self, status: str) -> None:
+        if status not in STATUSES or status == "left":
+            raise ConfigError(f"status must be one of ok, degraded, draining; got {status!r}")
+        self.status = status
+
+    def set_meta(self, meta: MetaSource) -> None:
+        self._meta = _check_meta(meta) if isinstance(meta, dict) else meta
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), timeout_s)
+        return self._connected.is_set()
+
+    async def start(self) -> None:
+        """Start heartbeating in the background. Waits up to ``connect_timeout_s`` for the first
+        connection; if the broker is not there yet it keeps trying and never raises."""
+        if self._task is not None:
+            raise RuntimeError("Heartbeater already started")
+        self._task = asyncio.create_task(self._run(), name=f"hbbus-heartbeater-{self.instance}")
+        if not await self.wait_connected(self.connect_timeout_s):
+            log.warning("%r: RabbitMQ not reachable yet; retrying in the background", self)
+
+    async def stop(self, leave: bool = True) -> None:
+        """Stop heartbeating; with ``leave`` (default) publish ``left`` first."""
+        if self._task is None:
+            return
+        self._leave = leave
+        self._stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def abort(self) -> None:
+        """Stop at once without ``left`` — as if the process had died (demo and tests)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def __aenter__(self) -> Heartbeater:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop(leave=True)
+
+    # -- the background task ---------------------------------------------------------------
+    async def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                await self._session()
+                return
+            except (*AMQP_ERRORS, Unavailable) as exc:
+                self._connected.clear()
+                log.warning("%r: connection lost or refused (%s); retrying in %.1fs",
+                            self, exc or type(exc).__name__, backoff)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
+
+    async def _session(self) -> None:
+        connection = await connect(self.settings, f"hbbus-heartbeater {self.service}/{self.instance}",
+                                   robust=False, timeout_s=self.connect_timeout_s)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=False)
+            exchange = await declare_heartbeats(channel, self.names)
+            self.connects += 1
+            self._connected.set()
+            await self._beat_loop(exchange, connection)
+            if self._leave:
+                await self._publish(exchange, "left", timeout_s=2.0)
+
+    async def _beat_loop(self, exchange: aio_pika.abc.AbstractExchange,
+                         connection: aio_pika.abc.AbstractConnection) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            if connection.is_closed:
+                raise ConnectionError("connection closed")
+            await self._publish(exchange, self.status, timeout_s=self.interval_s)
+            next_at += self.interval_s
+            now = time.monotonic()
+            if next_at < now:  # we were late (a stalled loop): do not burst to catch up
+                next_at = now
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), next_at - now)
+
+    async def _resolve_meta(self) -> Meta:
+        source = self._meta
+        if not callable(source):
+            return self._last_meta if source is None else source
+        try:
+            value = source()
+            if inspect.isawaitable(value):
+                value = await asyncio.wait_for(value, self.interval_s / 2)
+            self._last_meta = _check_meta(value)
+        except Exception as exc:  # the host's callable must never stop heartbeats
+            log.warning("%r: meta callable failed (%s); sending the last good meta", self, exc)
+        return self._last_meta
+
+    async def _publish(self, exchange: aio_pika.abc.AbstractExchange, status: str,
+                       timeout_s: float) -> None:
+        self.seq += 1
+        beat = Heartbeat(self.service, self.instance, self.incarnation, self.seq,
+                         round(self.interval_s * 1000), self.misses, int(time.time() * 1000),
+                         status, await self._resolve_meta())
+        message = aio_pika.Message(beat.encode(), content_type="application/json",
+                                   delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
+        try:
+            await asyncio.wait_for(
+                exchange.publish(message, beat.routing_key, mandatory=False), timeout_s
+            )
+        except asyncio.TimeoutError:
+            self.dropped += 1
+            log.debug("%r: heartbeat %d not written within %.2fs", self, self.seq, timeout_s)
+            return
+        self.sent += 1
+
+
+class SyncHeartbeater:
+    """:class:`Heartbeater` for programs without asyncio: it runs in its own daemon thread.
+
+    ``with SyncHeartbeater("worker", "w-1", interval_s=2):`` or ``start()`` / ``stop()``.
+    """
+
+    def __init__(self, service: str, instance: str, **kwargs: Any) -> None:
+        self._args = (service, instance)
+        self._kwargs = kwargs
+        check_name(service, "service")
+        check_name(instance, "instance")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._hb: Heartbeater | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def heartbeater(self) -> Heartbeater:
+        if self._hb is None:
+            raise RuntimeError("SyncHeartbeater not started")
+        return self._hb
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("SyncHeartbeater already started")
+        self._thread = threading.Thread(target=self._main, name="hbbus-heartbeater", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            self._hb = Heartbeater(*self._args, **self._kwargs)
+            loop.run_until_complete(self._hb.start())
+        except BaseException as exc:  # reported to start()'s caller
+            self._error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        loop.run_forever()
+        loop.close()
+
+    def _call(self, coro_fn: Callable[[], Awaitable[None]], timeout_s: float) -> None:
+        if self._loop is None or self._thread is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(coro_fn(), self._loop)  # type: ignore[arg-type]
+        future.result(timeout_s)
+
+    def stop(self, leave: bool = True, timeout_s: float = 10.0) -> None:
+        """Stop (publishing ``left`` unless ``leave=False``) and join the thread."""
+        if self._thread is None or self._loop is None:
+            return
+        try:
+            self._call(lambda: self.heartbeater.stop(leave=leave), timeout_s)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def set_status(self, status: str) -> None:
+        self.heartbeater.set_status(status)
+
+    def set_meta(self, meta: MetaSource) -> None:
+        self.heartbeater.set_meta(meta)
+
+    def __enter__(self) -> SyncHeartbeater:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(leave=True)
+
+
+def default_instance_name() -> str:
+    """``<hostname>-<pid>``, trimmed to a valid name."""
+    host = "".join(c if c.isalnum() or c in "_-" else "-" for c in os.uname().nodename)
+    return f"{host[:50]}-{os.getpid()}"[:64]

@@ -1,0 +1,73 @@
+-- Apply one batch of heartbeats. ARGV[6] = n, then 9 values per heartbeat:
+-- service, instance, incarnation, seq, interval_ms, ttl_ms, sent_ms, status, meta (JSON).
+-- A seq not above the stored one of the same incarnation is stale and ignored; a heartbeat of
+-- the incarnation before the current one is stale too (reordering between aggregators).
+-- Returns {stale_count, evid, routing_key, body, ...} for the transitions it made.
+local n = tonumber(ARGV[6])
+local stale = 0
+
+local function verdict(state, cinc, cseq, pinc, inc, seq, st)
+  if not state then
+    if st == 'left' then return false, false, false end
+    return true, 'joined', false
+  end
+  if inc ~= cinc then
+    if inc == pinc then return false, false, false end
+    if state == 'alive' then return true, 'restarted', true end
+    if state == 'dead' then return true, 'recovered', true end
+    return true, 'joined', true
+  end
+  if tonumber(seq) <= tonumber(cseq) then return false, false, false end
+  if state == 'dead' then return true, 'recovered', false end
+  if state == 'left' then return true, 'joined', false end
+  return true, false, false
+end
+
+for i = 0, n - 1 do
+  local b = 7 + i * 9
+  local svc, inst, inc, seq = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
+  local ivl, ttl, sent, st, meta = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8]
+  local id = svc .. '/' .. inst
+  local rkey = P .. 'inst:' .. id
+  local cur = redis.call('HMGET', rkey, 'state', 'inc', 'seq', 'pinc', 'ord')
+  local state = cur[1]
+  local accept, kind, newinc = verdict(state, cur[2], cur[3], cur[4], inc, seq, st)
+  if not accept then
+    stale = stale + 1
+  else
+    local newstate = 'alive'
+    if st == 'left' then
+      newstate = 'left'
+      if state ~= 'left' or newinc then kind = 'left' else kind = false end
+    end
+    local fields = {'svc', svc, 'inst', inst, 'inc', inc, 'seq', seq, 'ivl', ivl, 'ttl', ttl,
+      'last', NOW, 'sent', sent, 'status', st, 'meta', meta, 'state', newstate}
+    if newinc then
+      fields[#fields + 1] = 'pinc'
+      fields[#fields + 1] = cur[2]
+    end
+    if not state then
+      fields[#fields + 1] = 'first'
+      fields[#fields + 1] = NOW
+      redis.call('SADD', K_INSTANCES, id)
+    end
+    if kind then
+      local rec = {svc = svc, inst = inst, inc = inc, seq = seq, last = NOW, ttl = ttl,
+        meta = meta, ord = cur[5]}
+      emit(id, kind, state or 'none', rec)
+      fields[#fields + 1] = 'since'
+      fields[#fields + 1] = NOW
+      fields[#fields + 1] = 'ord'
+      fields[#fields + 1] = rec.ord
+    end
+    redis.call('HSET', rkey, unpack(fields))
+    if newstate == 'alive' then
+      redis.call('SET', P .. 'alive:' .. id, '1', 'PX', ttl)
+      redis.call('ZADD', K_DEADLINES, NOW + tonumber(ttl), id)
+    else
+      redis.call('DEL', P .. 'alive:' .. id)
+      redis.call('ZADD', K_DEADLINES, NOW + RETENTION, id)
+    end
+  end
+end
+return {stale, unpack(out)}

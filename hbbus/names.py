@@ -1,0 +1,116 @@
+"""Every exchange, queue and Redis key name, built in this one place.
+
+Redis keys share the hash tag ``{<ns>}`` so that all keys one Lua call touches live in one
+slot of a Redis Cluster (DESIGN.md section 7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hbbus.errors import ConfigError
+from hbbus.settings import check_name
+
+
+def instance_id(service: str, instance: str) -> str:
+    return f"{service}/{instance}"
+
+
+def split_instance_id(value: str) -> tuple[str, str]:
+    """``'svc/inst'`` -> ``('svc', 'inst')``; raises ConfigError when malformed."""
+    service, sep, instance = value.partition("/")
+    if not sep:
+        raise ConfigError(f"expected SERVICE/INSTANCE, got {value!r}")
+    return check_name(service, "service"), check_name(instance, "instance")
+
+
+@dataclass(frozen=True)
+class Names:
+    namespace: str
+
+    def __post_init__(self) -> None:
+        check_name(self.namespace, "namespace")
+
+    # -- RabbitMQ ---------------------------------------------------------------------------
+    @property
+    def heartbeats_exchange(self) -> str:
+        return f"{self.namespace}.heartbeats"
+
+    @property
+    def aggregator_queue(self) -> str:
+        return f"{self.namespace}.aggregator"
+
+    @property
+    def invalid_queue(self) -> str:
+        return f"{self.namespace}.invalid"
+
+    @property
+    def events_exchange(self) -> str:
+        return f"{self.namespace}.events"
+
+    @property
+    def unrouted_exchange(self) -> str:
+        return f"{self.namespace}.events.unrouted"
+
+    @property
+    def unrouted_queue(self) -> str:
+        return f"{self.namespace}.events.unrouted"
+
+    def failover_queue(self, group: str) -> str:
+        return f"{self.namespace}.failover.{group}"
+
+    def failover_retry_queue(self, group: str, delay_ms: int) -> str:
+        return f"{self.namespace}.failover.{group}.retry.{delay_ms}ms"
+
+    def failover_dlq(self, group: str) -> str:
+        return f"{self.namespace}.failover.{group}.dlq"
+
+    @staticmethod
+    def heartbeat_routing_key(service: str, instance: str) -> str:
+        return f"hb.{service}.{instance}"
+
+    @staticmethod
+    def event_routing_key(kind: str, service: str, instance: str) -> str:
+        return f"{kind}.{service}.{instance}"
+
+    # -- Redis ------------------------------------------------------------------------------
+    @property
+    def key_prefix(self) -> str:
+        """Prefix of every Redis key; the Lua scripts append the documented suffixes."""
+        return "{" + self.namespace + "}:"
+
+    def record_key(self, service: str, instance: str) -> str:
+        return f"{self.key_prefix}inst:{service}/{instance}"
+
+    def alive_key(self, service: str, instance: str) -> str:
+        return f"{self.key_prefix}alive:{service}/{instance}"
+
+    def history_key(self, service: str, instance: str) -> str:
+        return f"{self.key_prefix}hist:{service}/{instance}"
+
+    @property
+    def instances_key(self) -> str:
+        return f"{self.key_prefix}instances"
+
+    @property
+    def deadlines_key(self) -> str:
+        return f"{self.key_prefix}deadlines"
+
+    @property
+    def outbox_key(self) -> str:
+        return f"{self.key_prefix}outbox"
+
+    @property
+    def outbox_body_key(self) -> str:
+        return f"{self.key_prefix}outbox:body"
+
+    @property
+    def log_key(self) -> str:
+        return f"{self.key_prefix}log"
+
+    @property
+    def stats_key(self) -> str:
+        return f"{self.key_prefix}stats"
+
+    def failover_key(self, group: str, what: str) -> str:
+        return f"{self.key_prefix}fo:{group}:{what}"

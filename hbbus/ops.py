@@ -1,0 +1,248 @@
+"""What the operator commands do, as library calls (the CLI only parses and renders)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import orjson
+from redis.exceptions import RedisError
+
+from hbbus.amqp import AMQP_ERRORS, connect, declare_events, declare_heartbeats
+from hbbus.errors import NotFound, Unavailable
+from hbbus.names import Names
+from hbbus.settings import Settings, redact
+from hbbus.store import Store
+from hbbus.wire import Heartbeat, decode_event
+
+STATES = ("alive", "dead", "left")
+
+
+def topic_match(pattern: str, routing_key: str) -> bool:
+    """AMQP topic matching: ``*`` is one word, ``#`` zero or more words."""
+    return _match(pattern.split("."), routing_key.split("."))
+
+
+def _match(pat: list[str], words: list[str]) -> bool:
+    if not pat:
+        return not words
+    head, rest = pat[0], pat[1:]
+    if head == "#":
+        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
+    if not words:
+        return False
+    return (head in ("*", words[0])) and _match(rest, words[1:])
+
+
+@contextlib.asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[Store]:
+    store = Store.from_settings(settings, client_name="hbbus-cli")
+    try:
+        await store.ping(settings.redis_url)
+        yield store
+    except RedisError as exc:
+        raise Unavailable(f"Redis at {redact(settings.redis_url)}: {exc}") from None
+    finally:
+        await store.close()
+
+
+def record_row(record: dict[str, str], now_ms: int) -> dict[str, Any]:
+    """A stored record as typed fields, with the age of its last heartbeat."""
+    return {
+        "service": record["svc"],
+        "instance": record["inst"],
+        "state": record.get("state", "?"),
+        "status": record.get("status", ""),
+        "age_ms": now_ms - int(record.get("last", now_ms)),
+        "seq": int(record.get("seq", 0)),
+        "incarnation": record.get("inc", ""),
+        "interval_ms": int(record.get("ivl", 0)),
+        "ttl_ms": int(record.get("ttl", 0)),
+        "last_seen_ms": int(record.get("last", 0)),
+        "first_seen_ms": int(record.get("first", 0)),
+        "since_ms": int(record.get("since", 0)),
+        "meta": orjson.loads(record.get("meta", "{}")),
+    }
+
+
+async def status(settings: Settings, service: str | None = None,
+                 state: str | None = None) -> list[dict[str, Any]]:
+    async with open_store(settings) as store:
+        now_ms = await store.time_ms()
+        rows = [record_row(r, now_ms) for r in await store.records()]
+    return [r for r in rows
+            if (service is None or r["service"] == service) and (state is None or r["state"] == state)]
+
+
+async def show(settings: Settings, service: str, instance: str,
+               history: int = 20) -> dict[str, Any]:
+    async with open_store(settings) as store:
+        now_ms = await store.time_ms()
+        record = await store.record(service, instance)
+        if record is None:
+            raise NotFound(f"no instance {service}/{instance} in namespace {settings.namespace!r}")
+        row = record_row(record, now_ms)
+        row["alive_key_ttl_ms"] = await store.redis.pttl(store.names.alive_key(service, instance))
+        row["history"] = await store.history(service, instance, history)
+    return row
+
+
+async def forget(settings: Settings, service: str, instance: str) -> None:
+    async with open_store(settings) as store:
+        if not await store.forget(service, instance):
+            raise NotFound(f"no instance {service}/{instance} in namespace {settings.namespace!r}")
+
+
+async def recent_events(settings: Settings, pattern: str, count: int) -> list[dict[str, Any]]:
+    async with open_store(settings) as store:
+        events = await store.recent_events(count * 4 if pattern != "#" else count)
+    keyed = [e for e in events if topic_match(pattern, f"{e['kind']}.{e['service']}.{e['instance']}")]
+    return keyed[-count:] if count else []
+
+
+async def follow_events(settings: Settings, pattern: str, count: int,
+                        stop: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
+    """Recent history matching ``pattern``, then live events until ``stop``; each once."""
+    names = Names(settings.namespace)
+    connection = await connect(settings, "hbbus-cli events", robust=True)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await declare_events(channel, names)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, pattern)  # bound before history is read: no gap
+        seen: set[str] = set()
+        for event in await recent_events(settings, pattern, count):
+            seen.add(event["id"])
+            yield event
+        inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        await queue.consume(inbox.put, no_ack=True)
+        while not stop.is_set():
+            getter = asyncio.ensure_future(inbox.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if getter not in done:
+                getter.cancel()
+                break
+            event = decode_event(getter.result().body).to_dict()
+            if event["id"] not in seen:
+                seen.add(event["id"])
+                yield event
+
+
+async def send_once(settings: Settings, beat: Heartbeat) -> None:
+    """Publish one heartbeat (``hbbus send`` without ``--every``)."""
+    connection = await connect(settings, "hbbus-cli send", robust=False)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await declare_heartbeats(channel, Names(settings.namespace))
+        await exchange.publish(aio_pika.Message(beat.encode(), content_type="application/json"),
+                               beat.routing_key, mandatory=False, timeout=10)
+
+
+# -- doctor -------------------------------------------------------------------------------------
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    warning: bool = False
+
+
+@dataclass
+class DoctorReport:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def add(self, name: str, ok: bool, detail: str, warning: bool = False) -> None:
+        self.checks.append(Check(name, ok, detail, warning))
+
+
+async def _doctor_redis(settings: Settings, report: DoctorReport) -> None:
+    try:
+        async with open_store(settings) as store:
+            info = await store.redis.info("server")
+            report.add("redis", True, f"{redact(settings.redis_url)} — Redis {info['redis_version']}")
+            t0 = time.time() * 1000
+            server_ms = await store.time_ms()
+            t1 = time.time() * 1000
+            offset = server_ms - (t0 + t1) / 2
+            report.add("clock", abs(offset) < 1000,
+                       f"this host's clock is {offset:+.0f} ms from Redis time (rtt {t1 - t0:.1f} ms); "
+                       "liveness uses Redis time only", warning=True)
+            records = await store.records()
+            states = {s: sum(1 for r in records if r.get("state") == s) for s in STATES}
+            report.add("state", True, f"{len(records)} instances: " +
+                       ", ".join(f"{n} {s}" for s, n in states.items()))
+            pending = await store.redis.zrangebyscore(store.names.outbox_key, "-inf",
+                                                      server_ms, start=0, num=1)
+            report.add("outbox", not pending, "no event waits to be published" if not pending else
+                       "events wait past their lease: is any aggregator running?")
+    except Unavailable as exc:
+        report.add("redis", False, str(exc))
+
+
+async def _passive(connection: aio_pika.abc.AbstractConnection, kind: str,
+                   name: str) -> Any | None:
+    channel = await connection.channel()
+    try:
+        if kind == "exchange":
+            return await channel.get_exchange(name, ensure=True)
+        return await channel.declare_queue(name, passive=True)
+    except AMQP_ERRORS:
+        return None
+    finally:
+        with contextlib.suppress(*AMQP_ERRORS):
+            await channel.close()
+
+
+async def _doctor_amqp(settings: Settings, report: DoctorReport) -> None:
+    names = Names(settings.namespace)
+    try:
+        connection = await connect(settings, "hbbus-cli doctor", robust=False)
+    except Unavailable as exc:
+        report.add("rabbitmq", False, str(exc))
+        return
+    async with connection:
+        underlay = getattr(getattr(connection, "transport", None), "connection", None)
+        props = getattr(underlay, "server_properties", None) or {}
+        version = props.get("version", "?")
+        version = version.decode() if isinstance(version, bytes) else version
+        report.add("rabbitmq", True, f"{redact(settings.amqp_url)} — RabbitMQ {version}")
+        for name in (names.heartbeats_exchange, names.events_exchange):
+            found = await _passive(connection, "exchange", name)
+            report.add(f"exchange {name}", found is not None,
+                       "declared" if found else "missing: no aggregator has run in this namespace")
+        queue = await _passive(connection, "queue", names.aggregator_queue)
+        if queue is None:
+            report.add("aggregators", False, f"queue {names.aggregator_queue} missing: "
+                       "start one with `hbbus aggregator`")
+            return
+        result = queue.declaration_result
+        report.add("aggregators", result.consumer_count > 0,
+                   f"{result.consumer_count} consuming {names.aggregator_queue}" if
+                   result.consumer_count else f"nobody consumes {names.aggregator_queue}: "
+                   "start one with `hbbus aggregator`")
+        report.add("backlog", result.message_count < 10_000,
+                   f"{result.message_count} heartbeats waiting in {names.aggregator_queue}",
+                   warning=True)
+        invalid = await _passive(connection, "queue", names.invalid_queue)
+        if invalid is not None:
+            parked = invalid.declaration_result.message_count
+            report.add("invalid", parked == 0, f"{parked} refused heartbeats parked in "
+                       f"{names.invalid_queue}", warning=True)
+
+
+async def doctor(settings: Settings) -> DoctorReport:
+    report = DoctorReport()
+    await _doctor_amqp(settings, report)
+    await _doctor_redis(settings, report)
+    return report

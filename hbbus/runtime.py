@@ -1,0 +1,68 @@
+"""Process plumbing shared by the workers: signal handling, logging, an event loop policy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+log = logging.getLogger("hbbus")
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGINT/SIGTERM set ``stop`` (the worker then drains and exits); a second one exits at once.
+
+    The handler only flips state. Embedders that manage signals themselves do not call this.
+    """
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("second %s: exiting now", name)
+            os._exit(128 + signum)
+        log.info("%s received: finishing in-flight work", name)
+        stop.received_signal = name  # type: ignore[attr-defined]
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+def stop_reason(stop: asyncio.Event) -> str:
+    return getattr(stop, "received_signal", "request")
+
+
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to ``seconds``; return True at once if ``stop`` is set meanwhile."""
+    if seconds <= 0:
+        return stop.is_set()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else (logging.DEBUG if verbosity > 1 else
+                                                   logging.INFO if verbosity == 1 else logging.WARNING)
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    if verbosity < 2:
+        logging.getLogger("aio_pika").setLevel(logging.WARNING)
+        logging.getLogger("aiormq").setLevel(logging.WARNING)
+
+
+def run(main: object) -> object:
+    """``asyncio.run`` with uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)  # type: ignore[arg-type]
+    return uvloop.run(main)  # type: ignore[arg-type]

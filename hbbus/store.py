@@ -1,0 +1,198 @@
+"""The Redis side: instance records, alive keys with TTL, the deadline index, the outbox and
+the transition log, all changed only by the Lua scripts in ``hbbus/lua``.
+
+Key layout (``P`` = ``{<ns>}:``, see :mod:`hbbus.names`):
+
+- ``P inst:<svc>/<inst>``  hash, the instance record
+- ``P alive:<svc>/<inst>`` string with a TTL; exists exactly while the instance is alive
+- ``P hist:<svc>/<inst>``  list, the instance's last transitions (newest first)
+- ``P instances``          set of known ``svc/inst``
+- ``P deadlines``          sorted set: ``svc/inst`` -> the time of its next transition (ms)
+- ``P outbox`` / ``P outbox:body``  events claimed for publishing (score: lease end)
+- ``P log``                capped stream of every transition (the history)
+- ``P stats``              hash of counters
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from hbbus.errors import Unavailable
+from hbbus.names import Names
+from hbbus.settings import Settings, redact
+from hbbus.wire import Heartbeat
+
+_LUA = Path(__file__).with_name("lua")
+
+
+def _script(name: str) -> str:
+    return (_LUA / "common.lua").read_text() + "\n" + (_LUA / name).read_text()
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Timing of the store. ``lease_ms``: how long a claimed event may stay unpublished before
+    another reaper publishes it; ``retention_ms``: how long a dead or left record is kept."""
+
+    lease_ms: int = 5_000
+    retention_ms: int = 24 * 3600 * 1000
+    log_maxlen: int = 10_000
+    history_len: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class OutEvent:
+    """An event claimed for publishing: its id, routing key and JSON body."""
+
+    id: str
+    routing_key: str
+    body: str
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    now_ms: int
+    next_due_ms: int | None
+    events: list[OutEvent]
+
+
+def _events(flat: Sequence[Any]) -> list[OutEvent]:
+    return [OutEvent(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+
+
+def connect_redis(settings: Settings, name: str = "hbbus") -> aioredis.Redis:
+    """A Redis client for ``settings`` (no I/O yet)."""
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        client_name=name,
+        socket_connect_timeout=5,
+        socket_timeout=10,
+        health_check_interval=15,
+    )
+
+
+class Store:
+    """Typed access to the Redis state of one namespace."""
+
+    def __init__(self, redis: aioredis.Redis, names: Names, config: StoreConfig | None = None):
+        self.redis = redis
+        self.names = names
+        self.config = config or StoreConfig()
+        self._ingest = redis.register_script(_script("ingest.lua"))
+        self._claim = redis.register_script(_script("claim.lua"))
+        c = self.config
+        self._common = [names.key_prefix, c.lease_ms, c.retention_ms, c.log_maxlen, c.history_len]
+
+    @classmethod
+    def from_settings(cls, settings: Settings, config: StoreConfig | None = None,
+                      client_name: str = "hbbus") -> Store:
+        return cls(connect_redis(settings, client_name), Names(settings.namespace), config)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self, url: str = "") -> None:
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"Redis at {redact(url)}: {exc}") from None
+
+    # -- the hot path ------------------------------------------------------------------------
+    async def ingest(self, beats: Sequence[tuple[Heartbeat, int, int]]) -> tuple[int, list[OutEvent]]:
+        """Apply heartbeats, each with its clamped ``(interval_ms, ttl_ms)``, in one Lua call.
+
+        Returns the number of stale heartbeats ignored and the events of the transitions made.
+        """
+        args: list[Any] = [*self._common, len(beats)]
+        for beat, interval_ms, ttl_ms in beats:
+            args += (beat.service, beat.instance, beat.incarnation, beat.seq, interval_ms,
+                     ttl_ms, beat.sent_ms, beat.status, orjson.dumps(beat.meta))
+        reply = await self._ingest(args=args)
+        return int(reply[0]), _events(reply[1:])
+
+    async def claim(self, limit: int = 1000) -> ClaimResult:
+        """Claim due transitions and expired outbox leases (the reaper's step)."""
+        reply = await self._claim(args=[*self._common, limit])
+        nxt = int(reply[1])
+        return ClaimResult(int(reply[0]), nxt if nxt >= 0 else None, _events(reply[2:]))
+
+    async def finalize(self, event_ids: Iterable[str]) -> None:
+        """Drop published events from the outbox."""
+        ids = list(event_ids)
+        if not ids:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.names.outbox_key, *ids)
+            pipe.hdel(self.names.outbox_body_key, *ids)
+            await pipe.execute()
+
+    # -- counters ----------------------------------------------------------------------------
+    async def count(self, counts: dict[str, int]) -> None:
+        if not counts:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, n in counts.items():
+                pipe.hincrby(self.names.stats_key, name, n)
+            await pipe.execute()
+
+    async def stats(self) -> dict[str, int]:
+        raw = await self.redis.hgetall(self.names.stats_key)
+        return {k: int(v) for k, v in raw.items()}
+
+    # -- reading, for operators ----------------------------------------------------------------
+    async def time_ms(self) -> int:
+        sec, usec = await self.redis.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
+    async def records(self) -> list[dict[str, str]]:
+        """Every known instance record, sorted by service and instance."""
+        ids = sorted(await self.redis.smembers(self.names.instances_key))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for iid in ids:
+                pipe.hgetall(self.names.key_prefix + "inst:" + iid)
+            rows = await pipe.execute()
+        return [row for row in rows if row]
+
+    async def record(self, service: str, instance: str) -> dict[str, str] | None:
+        row = await self.redis.hgetall(self.names.record_key(service, instance))
+        return row or None
+
+    async def history(self, service: str, instance: str, count: int = 20) -> list[dict[str, Any]]:
+        """The instance's latest transitions, newest first."""
+        raw = await self.redis.lrange(self.names.history_key(service, instance), 0, count - 1)
+        return [orjson.loads(body) for body in raw]
+
+    async def recent_events(self, count: int = 50) -> list[dict[str, Any]]:
+        """The latest transitions of the whole namespace, oldest first."""
+        entries = await self.redis.xrevrange(self.names.log_key, count=count)
+        return [orjson.loads(fields["e"]) for _, fields in reversed(entries)]
+
+    async def pending_events(self) -> int:
+        return int(await self.redis.zcard(self.names.outbox_key))
+
+    async def forget(self, service: str, instance: str) -> bool:
+        """Remove every trace of one instance. Returns whether it was known."""
+        iid = f"{service}/{instance}"
+        n = self.names
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(n.record_key(service, instance))
+            pipe.delete(n.alive_key(service, instance), n.history_key(service, instance))
+            pipe.zrem(n.deadlines_key, iid)
+            pipe.srem(n.instances_key, iid)
+            existed, *_ = await pipe.execute()
+        return bool(existed)
+
+    async def drop_namespace(self) -> int:
+        """Delete every key of this namespace (tests and the demo clean up with it)."""
+        deleted = 0
+        async for key in self.redis.scan_iter(match=self.names.key_prefix.replace("{", "\\{").replace("}", "\\}") + "*", count=1000):
+            deleted += await self.redis.delete(key)
+        return deleted

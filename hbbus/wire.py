@@ -1,0 +1,192 @@
+"""The wire format: versioned JSON (orjson) for heartbeats and events.
+
+A heartbeat on the wire (keys kept short, it is the hot message)::
+
+    {"v": 1, "svc": "api", "inst": "api-1", "inc": "19a4c2f1e0b-3f9a1c", "seq": 42,
+     "ivl_ms": 1000, "misses": 3, "sent_ms": 1732300000000, "status": "ok",
+     "meta": {"endpoint": "10.0.0.5:8080", "role": "primary"}}
+
+Anything that is not exactly this shape is refused with an :class:`InvalidMessage` whose
+``reason`` is one of :data:`INVALID_REASONS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from hbbus.errors import InvalidMessage
+from hbbus.names import Names
+from hbbus.settings import NAME_RE
+
+WIRE_VERSION = 1
+MAX_MESSAGE_BYTES = 8 * 1024
+STATUSES = frozenset({"ok", "degraded", "draining", "left"})
+EVENT_KINDS = frozenset({"joined", "dead", "recovered", "restarted", "left"})
+INVALID_REASONS = ("oversized", "malformed", "version", "schema", "name", "routing-key")
+
+_INT_FIELDS = ("seq", "ivl_ms", "misses", "sent_ms")
+_NAME_FIELDS = ("svc", "inst", "inc")
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """One heartbeat as the sender declared it (the aggregator clamps the timing)."""
+
+    service: str
+    instance: str
+    incarnation: str
+    seq: int
+    interval_ms: int
+    misses: int
+    sent_ms: int
+    status: str = "ok"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def routing_key(self) -> str:
+        return Names.heartbeat_routing_key(self.service, self.instance)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.service, self.instance)
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "v": WIRE_VERSION,
+                "svc": self.service,
+                "inst": self.instance,
+                "inc": self.incarnation,
+                "seq": self.seq,
+                "ivl_ms": self.interval_ms,
+                "misses": self.misses,
+                "sent_ms": self.sent_ms,
+                "status": self.status,
+                "meta": self.meta,
+            }
+        )
+
+
+def _load_object(body: bytes, limit: int) -> dict[str, Any]:
+    if len(body) > limit:
+        raise InvalidMessage("oversized", f"{len(body)} bytes, the limit is {limit}")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage("malformed", f"not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise InvalidMessage("malformed", f"expected a JSON object, got {type(doc).__name__}")
+    if doc.get("v") != WIRE_VERSION:
+        raise InvalidMessage("version", f"unsupported version {doc.get('v')!r}")
+    return doc
+
+
+def _check_heartbeat_fields(doc: dict[str, Any]) -> None:
+    for name in _NAME_FIELDS:
+        value = doc.get(name)
+        if not isinstance(value, str):
+            raise InvalidMessage("schema", f"field {name!r} must be a string")
+        if not NAME_RE.fullmatch(value):
+            raise InvalidMessage("name", f"field {name!r} = {value[:80]!r} is not a valid name")
+    for name in _INT_FIELDS:
+        value = doc.get(name)
+        if type(value) is not int or value < 0:
+            raise InvalidMessage("schema", f"field {name!r} must be a non-negative integer")
+    if doc["ivl_ms"] == 0 or doc["misses"] == 0:
+        raise InvalidMessage("schema", "ivl_ms and misses must be positive")
+    if doc.get("status", "ok") not in STATUSES:
+        raise InvalidMessage("schema", f"status must be one of {sorted(STATUSES)}")
+    if not isinstance(doc.get("meta", {}), dict):
+        raise InvalidMessage("schema", "meta must be a JSON object")
+
+
+def decode_heartbeat(body: bytes, routing_key: str | None = None) -> Heartbeat:
+    """Parse and validate one heartbeat; raise InvalidMessage with a reason otherwise."""
+    doc = _load_object(body, MAX_MESSAGE_BYTES)
+    _check_heartbeat_fields(doc)
+    beat = Heartbeat(
+        service=doc["svc"],
+        instance=doc["inst"],
+        incarnation=doc["inc"],
+        seq=doc["seq"],
+        interval_ms=doc["ivl_ms"],
+        misses=doc["misses"],
+        sent_ms=doc["sent_ms"],
+        status=doc.get("status", "ok"),
+        meta=doc.get("meta", {}),
+    )
+    if routing_key is not None and routing_key != beat.routing_key:
+        raise InvalidMessage(
+            "routing-key", f"routing key {routing_key!r} does not match {beat.routing_key!r}"
+        )
+    return beat
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A transition of one instance, as published on ``<ns>.events``.
+
+    ``id`` is stable: a redelivered or republished event has the same id. ``ord`` grows with
+    every transition of the same instance, so a consumer can tell an older event from a newer one.
+    """
+
+    id: str
+    kind: str
+    service: str
+    instance: str
+    incarnation: str
+    seq: int
+    ord: int
+    at_ms: int
+    last_seen_ms: int
+    ttl_ms: int
+    prev: str
+    meta: dict[str, Any]
+    raw: bytes = b""
+
+    @property
+    def routing_key(self) -> str:
+        return Names.event_routing_key(self.kind, self.service, self.instance)
+
+    @property
+    def instance_id(self) -> str:
+        return f"{self.service}/{self.instance}"
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = orjson.loads(self.raw) if self.raw else {}
+        return doc if doc else {k: getattr(self, k) for k in self.__slots__ if k != "raw"}
+
+
+_EVENT_STR = ("id", "kind", "service", "instance", "incarnation", "prev")
+_EVENT_INT = ("seq", "ord", "at_ms", "last_seen_ms", "ttl_ms")
+
+
+def decode_event(body: bytes | str) -> Event:
+    """Parse one event; raise InvalidMessage when it is not an hbbus event."""
+    raw = body.encode() if isinstance(body, str) else body
+    doc = _load_object(raw, 64 * 1024)
+    for name in _EVENT_STR:
+        if not isinstance(doc.get(name), str):
+            raise InvalidMessage("schema", f"event field {name!r} must be a string")
+    for name in _EVENT_INT:
+        if type(doc.get(name)) is not int:
+            raise InvalidMessage("schema", f"event field {name!r} must be an integer")
+    meta = doc.get("meta")
+    return Event(
+        id=doc["id"],
+        kind=doc["kind"],
+        service=doc["service"],
+        instance=doc["instance"],
+        incarnation=doc["incarnation"],
+        seq=doc["seq"],
+        ord=doc["ord"],
+        at_ms=doc["at_ms"],
+        last_seen_ms=doc["last_seen_ms"],
+        ttl_ms=doc["ttl_ms"],
+        prev=doc["prev"],
+        meta=meta if isinstance(meta, dict) else {},
+        raw=raw,
+    )

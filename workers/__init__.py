@@ -1,0 +1,1 @@
+"""Long-running hbbus processes: the aggregator and the failover runner."""

@@ -1,0 +1,278 @@
+"""The aggregator: competing consumer of ``<ns>.aggregator`` (ingest) plus a reaper.
+
+Ingest: deliveries are buffered and applied as one batch — validate, park what is invalid,
+coalesce repeated heartbeats of one instance, one Lua call, publish the transitions it made,
+then one multiple-ack. Redis trouble holds the batch (unacked, bounded by the prefetch) and
+retries it; nothing is acked before it is in Redis.
+
+Reaper: claims due deadlines and expired outbox leases in one Lua call, publishes the events
+with publisher confirms and mandatory, finalises those the broker confirmed, then sleeps until
+the next deadline (at most ``reaper_max_sleep_ms``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+from redis.exceptions import RedisError
+
+from hbbus import metrics
+from hbbus.amqp import AMQP_ERRORS, connect, declare_events, declare_ingest
+from hbbus.errors import InvalidMessage
+from hbbus.names import Names
+from hbbus.runtime import sleep_or_stop, stop_reason
+from hbbus.settings import Settings
+from hbbus.store import OutEvent, Store, StoreConfig
+from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_heartbeat
+
+log = logging.getLogger("hbbus.aggregator")
+T = TypeVar("T")
+REDIS_ERRORS = (RedisError, OSError)
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """Ingest and reaper tuning. A sender's declared interval and misses are clamped to
+    ``[min_interval_ms, max_interval_ms]`` and ``[1, max_misses]``."""
+
+    prefetch: int = 2000
+    min_interval_ms: int = 50
+    max_interval_ms: int = 3_600_000
+    max_misses: int = 100
+    reaper_limit: int = 1000
+    reaper_max_sleep_ms: int = 50
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    def clamp(self, beat: Heartbeat) -> tuple[int, int]:
+        interval_ms = min(max(beat.interval_ms, self.min_interval_ms), self.max_interval_ms)
+        misses = min(max(beat.misses, 1), self.max_misses)
+        return interval_ms, interval_ms * misses
+
+
+def coalesce(beats: Sequence[Heartbeat]) -> list[Heartbeat]:
+    """Keep one heartbeat per instance: the newest (a new incarnation, or a higher seq)."""
+    latest: dict[tuple[str, str], Heartbeat] = {}
+    for beat in beats:
+        seen = latest.get(beat.key)
+        if seen is None or seen.incarnation != beat.incarnation or beat.seq > seen.seq:
+            latest[beat.key] = beat
+    return list(latest.values())
+
+
+def worker_name(role: str) -> str:
+    return f"hbbus-{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+class EventPublisher:
+    """Publishes claimed events with confirms and finalises the confirmed ones."""
+
+    def __init__(self, exchange: AbstractExchange, store: Store) -> None:
+        self.exchange = exchange
+        self.store = store
+        self.published = 0
+
+    async def _one(self, event: OutEvent) -> bool:
+        message = aio_pika.Message(
+            event.body.encode(),
+            message_id=event.id,
+            type=event.routing_key.split(".", 1)[0],
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        result = await self.exchange.publish(message, event.routing_key, mandatory=True,
+                                             timeout=10)
+        return isinstance(result, aiormq.spec.Basic.Ack)
+
+    async def publish(self, events: Sequence[OutEvent]) -> int:
+        """Publish, then finalise what the broker confirmed. Unconfirmed events stay in the
+        outbox and are published again when their lease runs out."""
+        results = await asyncio.gather(*(self._one(e) for e in events), return_exceptions=True)
+        done = [e for e, ok in zip(events, results, strict=True) if ok is True]
+        failed = len(events) - len(done)
+        if failed:
+            metrics.PUBLISH_FAILURES.inc(failed)
+            errors = {repr(r) for r in results if r is not True}
+            log.warning("%d of %d events not confirmed (%s); they will be retried after their "
+                        "lease", failed, len(events), "; ".join(sorted(errors))[:300])
+        if done:
+            await self.store.finalize(e.id for e in done)
+            for event in done:
+                metrics.EVENTS.labels(event.routing_key.split(".", 1)[0]).inc()
+            self.published += len(done)
+        return len(done)
+
+
+class Aggregator:
+    """One aggregator process's work. ``await Aggregator(settings).run(stop)`` until ``stop``."""
+
+    def __init__(self, settings: Settings, config: AggregatorConfig | None = None,
+                 name: str | None = None) -> None:
+        self.settings = settings
+        self.config = config or AggregatorConfig()
+        self.names = Names(settings.namespace)
+        self.name = name or worker_name("aggregator")
+        self.counts: Counter[str] = Counter()
+        self._buffer: list[AbstractIncomingMessage] = []
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.store: Store | None = None
+        self.publisher: EventPublisher | None = None
+        self._pub_channel: aio_pika.abc.AbstractChannel | None = None
+
+    def __repr__(self) -> str:
+        return f"Aggregator({self.name!r}, ns={self.settings.namespace!r})"
+
+    async def run(self, stop: asyncio.Event) -> Counter[str]:
+        store = Store.from_settings(self.settings, self.config.store, client_name=self.name)
+        self.store = store
+        try:
+            await store.ping(self.settings.redis_url)
+            connection = await connect(self.settings, self.name)
+            try:
+                await self._serve(connection, store, stop)
+            finally:
+                await connection.close()
+        finally:
+            await store.close()
+        log.info("aggregator %s stopped on %s ◆ %d heartbeats ◆ %d stale ◆ %d invalid ◆ "
+                 "%d events", self.name, stop_reason(stop), self.counts["heartbeats"],
+                 self.counts["stale"], self.counts["invalid"], self.counts["events"])
+        return self.counts
+
+    async def _serve(self, connection: aio_pika.abc.AbstractRobustConnection, store: Store,
+                     stop: asyncio.Event) -> None:
+        consume_channel = await connection.channel()
+        await consume_channel.set_qos(prefetch_count=self.config.prefetch)
+        queue = await declare_ingest(consume_channel, self.names)
+        self._pub_channel = await connection.channel(publisher_confirms=True)
+        events = await declare_events(self._pub_channel, self.names)
+        self.publisher = EventPublisher(events, store)
+        ingest = asyncio.create_task(self._ingest_loop(store), name="hbbus-ingest")
+        reaper = asyncio.create_task(self._reaper_loop(store, stop), name="hbbus-reaper")
+        tag = await queue.consume(self._on_message)
+        log.info("aggregator %s consuming %s", self.name, queue.name)
+        self.ready.set()
+        try:
+            await asyncio.wait([asyncio.ensure_future(stop.wait()), ingest, reaper],
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            with contextlib.suppress(*AMQP_ERRORS):
+                await queue.cancel(tag)
+            self._stopping.set()
+            self._wake.set()
+            await asyncio.gather(ingest, reaper, return_exceptions=True)
+            for task in (ingest, reaper):
+                if task.done() and not task.cancelled() and task.exception():
+                    raise task.exception()  # type: ignore[misc]
+
+    # -- ingest ------------------------------------------------------------------------------
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._buffer.append(message)
+        self._wake.set()
+
+    async def _ingest_loop(self, store: Store) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._buffer = self._buffer, []
+            if batch:
+                await self._process(store, batch)
+            elif self._stopping.is_set():
+                return
+
+    async def _process(self, store: Store, batch: list[AbstractIncomingMessage]) -> None:
+        valid: list[Heartbeat] = []
+        for message in batch:
+            try:
+                valid.append(decode_heartbeat(message.body, message.routing_key))
+            except InvalidMessage as exc:
+                await self._park(store, message, exc)
+        beats = coalesce(valid)
+        if beats:
+            clamped = [(b, *self.config.clamp(b)) for b in beats]
+            stale, events = await self._with_redis(lambda: store.ingest(clamped))
+            self.counts["heartbeats"] += len(valid)
+            self.counts["stale"] += stale
+            metrics.HEARTBEATS.inc(len(valid))
+            metrics.STALE.inc(stale)
+            metrics.BATCH.observe(len(valid))
+            if events:
+                await self._publish(events)
+        try:
+            await batch[-1].ack(multiple=True)
+        except AMQP_ERRORS as exc:  # the channel went away: the broker redelivers; seq dedupes
+            log.warning("ack of %d heartbeats failed (%s); they will be redelivered", len(batch),
+                        exc)
+
+    async def _park(self, store: Store, message: AbstractIncomingMessage,
+                    exc: InvalidMessage) -> None:
+        """Refuse one heartbeat: count it and park it, with its reason, in ``<ns>.invalid``."""
+        self.counts["invalid"] += 1
+        metrics.INVALID.labels(exc.reason).inc()
+        log.debug("parked heartbeat from %r: %s", message.routing_key, exc)
+        body = message.body
+        headers = {"x-hbbus-reason": exc.reason, "x-hbbus-detail": exc.detail[:500],
+                   "x-hbbus-routing-key": message.routing_key or "",
+                   "x-hbbus-size": len(body)}
+        if len(body) > MAX_MESSAGE_BYTES:
+            body, headers["x-hbbus-truncated"] = body[:MAX_MESSAGE_BYTES], True
+        assert self._pub_channel is not None
+        try:
+            await self._pub_channel.default_exchange.publish(
+                aio_pika.Message(body, headers=headers), self.names.invalid_queue, timeout=10
+            )
+            await store.count({f"invalid:{exc.reason}": 1})
+        except (*AMQP_ERRORS, *REDIS_ERRORS) as err:
+            log.warning("could not park an invalid heartbeat (%s): %s", exc.reason, err)
+
+    async def _with_redis(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a Redis call, retrying with capped backoff while Redis is unreachable."""
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except REDIS_ERRORS as exc:
+                if self._stopping.is_set():
+                    raise
+                log.warning("Redis call failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _publish(self, events: Sequence[OutEvent]) -> None:
+        assert self.publisher is not None
+        try:
+            self.counts["events"] += await self.publisher.publish(events)
+        except (*AMQP_ERRORS, *REDIS_ERRORS) as exc:
+            log.warning("publishing %d events failed (%s); the reaper retries after the lease",
+                        len(events), exc)
+
+    # -- reaper ------------------------------------------------------------------------------
+    async def _reaper_loop(self, store: Store, stop: asyncio.Event) -> None:
+        max_sleep_s = self.config.reaper_max_sleep_ms / 1000
+        while not stop.is_set():
+            try:
+                result = await store.claim(self.config.reaper_limit)
+            except REDIS_ERRORS as exc:
+                log.warning("reaper: Redis call failed (%s)", exc)
+                await sleep_or_stop(stop, 1.0)
+                continue
+            if result.events:
+                await self._publish(result.events)
+            if len(result.events) >= self.config.reaper_limit:
+                continue
+            sleep_s = max_sleep_s
+            if result.next_due_ms is not None:
+                sleep_s = min(max_sleep_s, max(0.001, (result.next_due_ms - result.now_ms) / 1000))
+            await sleep_or_stop(stop, sleep_s)
