@@ -160,14 +160,15 @@ class Aggregator:
         events = await declare_events(self._pub_channel, self.names)
         self.publisher = EventPublisher(events, store)
         ingest = asyncio.create_task(self._ingest_loop(store), name="hbbus-ingest")
-        reaper = asyncio.create_task(self._reaper_loop(store, stop), name="hbbus-reaper")
+        reaper = asyncio.create_task(self._reaper_loop(store), name="hbbus-reaper")
         tag = await queue.consume(self._on_message)
         log.info("aggregator %s consuming %s", self.name, queue.name)
         self.ready.set()
+        stopped = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait([asyncio.ensure_future(stop.wait()), ingest, reaper],
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([stopped, ingest, reaper], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            stopped.cancel()
             with contextlib.suppress(*AMQP_ERRORS):
                 await queue.cancel(tag)
             self._stopping.set()
@@ -259,7 +260,8 @@ class Aggregator:
                         len(events), exc)
 
     # -- reaper ------------------------------------------------------------------------------
-    async def _reaper_loop(self, store: Store, stop: asyncio.Event) -> None:
+    async def _reaper_loop(self, store: Store) -> None:
+        stop = self._stopping
         max_sleep_s = self.config.reaper_max_sleep_ms / 1000
         while not stop.is_set():
             try:

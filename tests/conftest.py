@@ -1,0 +1,127 @@
+"""Fixtures: real servers (strict under CI=true), one namespace per test, running workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
+
+import pytest
+
+from hbbus.settings import Settings
+from hbbus.store import StoreConfig
+from hbbus.workers.aggregator import Aggregator, AggregatorConfig
+from tests.helpers import EventSink, drop_namespace
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _answers(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port),
+                                      timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require(ok: bool, what: str) -> None:
+    """Skip on a laptop without the server; fail under CI, where it must be there."""
+    if ok:
+        return
+    if CI:
+        pytest.fail(f"{what} is required under CI=true", pytrace=False)
+    pytest.skip(f"{what} not available")
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    settings = Settings.from_env()
+    require(_answers(settings.amqp_url, 5672), f"RabbitMQ at {settings!r}")
+    require(_answers(settings.redis_url, 6379), f"Redis at {settings!r}")
+    return settings
+
+
+@pytest.fixture
+async def settings(base_settings: Settings, request: pytest.FixtureRequest) -> AsyncIterator[Settings]:
+    """The shared servers, in a namespace of this test's own, removed afterwards."""
+    stem = "".join(c if c.isalnum() else "-" for c in request.node.name)[:30].strip("-")
+    s = base_settings.with_namespace(f"t-{stem}-{secrets.token_hex(3)}")
+    yield s
+    await drop_namespace(s)
+
+
+@pytest.fixture
+def need_tool() -> Callable[[str], str]:
+    def need(tool: str) -> str:
+        path = shutil.which(tool)
+        require(path is not None, f"the {tool!r} command")
+        return path  # type: ignore[return-value]
+
+    return need
+
+
+FAST = AggregatorConfig(store=StoreConfig(lease_ms=1500), reaper_max_sleep_ms=20)
+
+
+class RunningAggregator:
+    """An in-process aggregator under test: ``stop()`` drains it, ``kill()`` cancels it."""
+
+    def __init__(self, aggregator: Aggregator) -> None:
+        self.aggregator = aggregator
+        self.stop_event = asyncio.Event()
+        self.task: asyncio.Task[object] = asyncio.create_task(aggregator.run(self.stop_event))
+
+    async def started(self) -> RunningAggregator:
+        ready = asyncio.ensure_future(self.aggregator.ready.wait())
+        await asyncio.wait({self.task, ready}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if self.task.done():
+            self.task.result()
+        assert self.aggregator.ready.is_set(), "aggregator did not start"
+        return self
+
+    async def stop(self) -> object:
+        self.stop_event.set()
+        return await asyncio.wait_for(self.task, 15)
+
+    async def kill(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+
+
+@pytest.fixture
+async def aggregators(settings: Settings) -> AsyncIterator[Callable[..., object]]:
+    """Start in-process aggregators: ``await start(n=1, config=FAST)``; stopped at teardown."""
+    running: list[RunningAggregator] = []
+
+    async def start(n: int = 1, config: AggregatorConfig = FAST,
+                    s: Settings | None = None) -> list[RunningAggregator]:
+        started = []
+        for _ in range(n):
+            agg = Aggregator(s or settings, config, name=f"test-aggregator-{len(running)}")
+            handle = RunningAggregator(agg)
+            running.append(handle)
+            started.append(await handle.started())
+        return started
+
+    yield start
+    for handle in running:
+        handle.stop_event.set()
+    for handle in running:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(handle.task, 15)
+
+
+@pytest.fixture
+async def sink(settings: Settings) -> AsyncIterator[EventSink]:
+    s = await EventSink(settings).start()
+    yield s
+    await s.close()

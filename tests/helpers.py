@@ -1,0 +1,117 @@
+"""Test helpers: waiting on conditions, collecting events, cleaning a namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import orjson
+
+from hbbus.amqp import connect, declare_events
+from hbbus.names import Names
+from hbbus.settings import Settings
+from hbbus.store import Store
+
+
+async def wait_until(cond: Callable[[], Any], timeout_s: float, what: str = "condition",
+                     poll_s: float = 0.02) -> Any:
+    """Poll ``cond`` (sync or async) until it returns something truthy, or fail after timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(poll_s)
+
+
+class EventSink:
+    """Every event published in a namespace, as it arrives (an exclusive queue bound to '#')."""
+
+    def __init__(self, settings: Settings, pattern: str = "#") -> None:
+        self.settings = settings
+        self.pattern = pattern
+        self.events: list[dict[str, Any]] = []
+        self.arrivals: list[float] = []
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+
+    async def start(self) -> EventSink:
+        self._connection = await connect(self.settings, "test-event-sink", robust=False)
+        channel = await self._connection.channel()
+        exchange = await declare_events(channel, Names(self.settings.namespace))
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, self.pattern)
+        await queue.consume(self._on_message, no_ack=True)
+        return self
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.events.append(orjson.loads(message.body))
+        self.arrivals.append(time.time())
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+    def of(self, kind: str | None = None, instance: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in self.events if (kind is None or e["kind"] == kind)
+                and (instance is None or f"{e['service']}/{e['instance']}" == instance
+                     or e["instance"] == instance)]
+
+    async def wait_for(self, kind: str, instance: str | None = None, count: int = 1,
+                       timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        return await wait_until(lambda: len(self.of(kind, instance)) >= count and
+                                self.of(kind, instance), timeout_s,
+                                f"{count} {kind} event(s) for {instance or 'any instance'}")
+
+
+async def drop_namespace(settings: Settings, extra_queues: list[str] | None = None) -> None:
+    """Delete a test namespace's Redis keys and its RabbitMQ queues and exchanges."""
+    store = Store.from_settings(settings)
+    try:
+        await store.drop_namespace()
+    finally:
+        await store.close()
+    names = Names(settings.namespace)
+    queues = [names.aggregator_queue, names.invalid_queue, names.unrouted_queue,
+              *(extra_queues or []), *rabbit_objects("queues", settings.namespace)]
+    exchanges = [names.heartbeats_exchange, names.events_exchange, names.unrouted_exchange,
+                 *rabbit_objects("exchanges", settings.namespace)]
+    connection = await connect(settings, "test-cleanup", robust=False)
+    async with connection:
+        for name in dict.fromkeys(queues):
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(name)
+        for name in dict.fromkeys(exchanges):
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(name)
+
+
+def rabbit_objects(kind: str, namespace: str) -> list[str]:
+    """Names of the broker's queues or exchanges in ``namespace`` (via rabbitmqctl, if here)."""
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        return []
+    try:
+        out = subprocess.run([ctl, "-q", f"list_{kind}", "name"], capture_output=True, text=True,
+                             timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.splitlines()
+            if line.strip().startswith(f"{namespace}.")]
+
+
+async def run_with(task_factory: Callable[[asyncio.Event], Awaitable[Any]]) -> tuple[asyncio.Event, asyncio.Task[Any]]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(task_factory(stop))
+    return stop, task

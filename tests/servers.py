@@ -1,0 +1,122 @@
+"""Private servers for tests that must stop, restart or empty a server.
+
+The shared RabbitMQ and Redis are never stopped or reconfigured by a test; these run on free
+ports and are torn down by their fixtures (../shared/TESTING.md).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float, up: bool = True) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                if up:
+                    return
+        except OSError:
+            if not up:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} not {'up' if up else 'down'} after {timeout_s}s")
+
+
+class PrivateRedis:
+    """``redis-server`` on a free port, without persistence, as a child process."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, 10)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+            wait_port(self.port, 10, up=False)
+
+
+class PrivateRabbit:
+    """A RabbitMQ node of the test's own (about 5 s to start), stopped and started at will."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.node = f"hbbustest{self.port}@localhost"
+        self.dir = Path(tempfile.mkdtemp(prefix="hbbus-rabbit-"))
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ,
+                "RABBITMQ_NODENAME": self.node,
+                "RABBITMQ_NODE_PORT": str(self.port),
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins")}
+
+    def _ctl(self, *args: str, timeout_s: float = 60) -> None:
+        subprocess.run(["rabbitmqctl", "-n", self.node, *args], env=self._env(), check=True,
+                       capture_output=True, timeout=timeout_s)
+
+    def start(self) -> PrivateRabbit:
+        for sub in ("mnesia", "log"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        try:
+            user = pwd.getpwnam("rabbitmq")
+            for path in (self.dir, self.dir / "mnesia", self.dir / "log",
+                         self.dir / "enabled_plugins"):
+                os.chown(path, user.pw_uid, user.pw_gid)
+        except KeyError:
+            pass
+        subprocess.run(["rabbitmq-server", "-detached"], env=self._env(), check=True,
+                       capture_output=True, timeout=60)
+        self._ctl("await_startup", timeout_s=90)
+        wait_port(self.port, 30)
+        return self
+
+    def stop_app(self) -> None:
+        self._ctl("stop_app")
+        wait_port(self.port, 30, up=False)
+
+    def start_app(self) -> None:
+        self._ctl("start_app")
+        wait_port(self.port, 30)
+
+    def stop(self) -> None:
+        try:
+            self._ctl("stop")
+        except (subprocess.SubprocessError, OSError):
+            subprocess.run(["pkill", "-9", "-f", self.node], check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,167 @@
+"""End to end on the real servers: DESIGN.md section 6, guarantees 1 and 2 (events side)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+
+from hbbus.client import Heartbeater
+from hbbus.settings import Settings
+from hbbus.store import Store
+from hbbus.wire import Heartbeat
+from tests.conftest import FAST
+from tests.helpers import EventSink, wait_until
+
+INTERVAL_S = 0.2
+MISSES = 3
+TTL_MS = round(INTERVAL_S * 1000) * MISSES
+
+
+async def fleet(settings: Settings, service: str, n: int) -> list[Heartbeater]:
+    beaters = [Heartbeater(service, f"{service}-{i}", interval_s=INTERVAL_S, misses=MISSES,
+                           settings=settings, meta={"endpoint": f"127.0.0.1:{9000 + i}"})
+               for i in range(n)]
+    await asyncio.gather(*(b.start() for b in beaters))
+    assert all(b.connected for b in beaters)
+    return beaters
+
+
+async def test_fleet_deaths_leaves_recoveries_and_restarts(settings, aggregators, sink):
+    await aggregators(2)
+    beaters = await fleet(settings, "web", 20)
+    await sink.wait_for("joined", count=20, timeout_s=10)
+
+    killed = beaters[:3]
+    last_sent = {}
+    for b in killed:
+        await b.abort()  # dies without `left`
+        last_sent[b.instance] = time.time()
+    await beaters[3].stop(leave=True)
+
+    dead = await sink.wait_for("dead", count=3, timeout_s=10)
+    await sink.wait_for("left", "web-3")
+    await asyncio.sleep(TTL_MS / 1000 * 3)  # nothing else may die meanwhile
+    assert sorted(e["instance"] for e in sink.of("dead")) == ["web-0", "web-1", "web-2"]
+    assert not sink.of("dead", "web-3"), "a clean exit must not produce `dead`"
+    for event in dead:
+        silent_ms = event["at_ms"] - event["last_seen_ms"]
+        assert TTL_MS <= silent_ms <= TTL_MS + 250, f"{event['instance']} declared after {silent_ms} ms"
+        assert event["meta"]["endpoint"].startswith("127.0.0.1:")
+
+    # a killed instance comes back (a new process) -> recovered
+    back = Heartbeater("web", "web-0", interval_s=INTERVAL_S, misses=MISSES, settings=settings)
+    await back.start()
+    recovered = await sink.wait_for("recovered", "web-0")
+    assert recovered[0]["incarnation"] == back.incarnation
+
+    # a process restarted within its TTL -> restarted, never dead
+    await beaters[4].abort()
+    again = Heartbeater("web", "web-4", interval_s=INTERVAL_S, misses=MISSES, settings=settings)
+    await again.start()
+    await sink.wait_for("restarted", "web-4")
+    await asyncio.sleep(TTL_MS / 1000 * 2)
+    assert not sink.of("dead", "web-4")
+
+    # every event id is unique: exactly one event per transition
+    ids = [e["id"] for e in sink.events]
+    assert len(ids) == len(set(ids))
+    for b in [*beaters[5:], back, again]:
+        await b.stop()
+
+
+async def test_killed_between_claim_and_publish_loses_nothing(settings, aggregators, sink):
+    """A reaper that claims a transition and dies before publishing: another one publishes it
+    after the lease, with the same id."""
+    store = Store.from_settings(settings, FAST.store)
+    try:
+        now_ms = int(time.time() * 1000)
+        beat = Heartbeat("db", "db-1", "inc-a", 1, 100, 2, now_ms, "ok", {"role": "primary"})
+        _, joined = await store.ingest([(beat, 100, 200)])  # claimed by us, never published
+        await asyncio.sleep(0.3)
+        claim = await store.claim()  # the "dying reaper" claims the death, then vanishes
+        dead = [e for e in claim.events if e.routing_key == "dead.db.db-1"]
+        assert len(dead) == 1
+        assert not sink.events, "nothing is published before an aggregator runs"
+
+        await aggregators(1)
+        got = await sink.wait_for("dead", "db-1", timeout_s=FAST.store.lease_ms / 1000 + 5)
+        assert got[0]["id"] == dead[0].id
+        joined_ev = await sink.wait_for("joined", "db-1")
+        assert joined_ev[0]["id"] == joined[0].id
+        assert await wait_until(lambda: _outbox_empty(store), 5, "outbox drained")
+    finally:
+        await store.close()
+
+
+async def _outbox_empty(store: Store) -> bool:
+    return await store.pending_events() == 0
+
+
+async def test_aggregator_killed_mid_batch_then_other_takes_over(settings, aggregators, sink):
+    """Two aggregators; one is cancelled abruptly; deaths are still reported exactly once."""
+    aggs = await aggregators(2)
+    beaters = await fleet(settings, "svc", 4)
+    await sink.wait_for("joined", count=4)
+    await aggs[0].kill()
+    for b in beaters:
+        await b.abort()
+    await sink.wait_for("dead", count=4, timeout_s=10)
+    await asyncio.sleep(0.5)
+    assert len(sink.of("dead")) == 4
+
+
+async def test_events_survive_with_no_consumer_and_history_is_kept(settings, aggregators):
+    """History (`hbbus events`) keeps every transition even when no one listened live."""
+    await aggregators(1)
+    async with Heartbeater("solo", "s-1", interval_s=INTERVAL_S, misses=MISSES, settings=settings):
+        await asyncio.sleep(0.5)
+    store = Store.from_settings(settings)
+    try:
+        events = await wait_until(lambda: _kinds(store), 5, "joined and left in history")
+        assert events == ["joined", "left"]
+        record = await store.record("solo", "s-1")
+        assert record is not None and record["state"] == "left"
+    finally:
+        await store.close()
+
+
+async def _kinds(store: Store) -> list[str] | None:
+    kinds = [e["kind"] for e in await store.recent_events(10)]
+    return kinds if kinds == ["joined", "left"] else None
+
+
+async def test_unrouted_events_are_parked_not_lost(settings, aggregators):
+    await aggregators(1)
+    async with Heartbeater("lonely", "l-1", interval_s=INTERVAL_S, settings=settings):
+        await asyncio.sleep(0.3)
+    from hbbus.amqp import connect
+    from hbbus.names import Names
+
+    connection = await connect(settings, "test", robust=False)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(Names(settings.namespace).unrouted_queue, passive=True)
+        kinds = []
+        for _ in range(10):
+            message = await queue.get(fail=False, no_ack=True)
+            if message is None:
+                break
+            kinds.append(orjson.loads(message.body)["kind"])
+    assert kinds == ["joined", "left"]
+
+
+async def test_sink_helper_sees_only_its_namespace(settings, base_settings, aggregators, sink):
+    other = base_settings.with_namespace(settings.namespace + "-x")
+    other_sink = await EventSink(other).start()
+    try:
+        await aggregators(1)
+        async with Heartbeater("ns", "n-1", interval_s=INTERVAL_S, settings=settings):
+            await sink.wait_for("joined", "n-1")
+        assert not other_sink.events
+    finally:
+        await other_sink.close()
+        from tests.helpers import drop_namespace
+
+        await drop_namespace(other)
