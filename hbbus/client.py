@@ -25,6 +25,7 @@ import orjson
 from hbbus.amqp import AMQP_ERRORS, connect, declare_heartbeats
 from hbbus.errors import ConfigError, Unavailable
 from hbbus.names import Names
+from hbbus.runtime import sleep_or_stop, wait_event
 from hbbus.settings import Settings, check_name
 from hbbus.wire import MAX_MESSAGE_BYTES, STATUSES, Heartbeat
 
@@ -112,9 +113,7 @@ class Heartbeater:
         return self._connected.is_set()
 
     async def wait_connected(self, timeout_s: float) -> bool:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), timeout_s)
-        return self._connected.is_set()
+        return await wait_event(self._connected, timeout_s)
 
     async def start(self) -> None:
         """Start heartbeating in the background. Waits up to ``connect_timeout_s`` for the first
@@ -138,6 +137,8 @@ class Heartbeater:
     async def abort(self) -> None:
         """Stop at once without ``left`` — as if the process had died (demo and tests)."""
         if self._task is not None:
+            self._leave = False
+            self._stop.set()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -157,12 +158,11 @@ class Heartbeater:
             try:
                 await self._session()
                 return
-            except (*AMQP_ERRORS, Unavailable) as exc:
+            except (*AMQP_ERRORS, Unavailable, aio_pika.exceptions.ChannelInvalidStateError) as exc:
                 self._connected.clear()
                 log.warning("%r: connection lost or refused (%s); retrying in %.1fs",
                             self, exc or type(exc).__name__, backoff)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), backoff)
+            await sleep_or_stop(self._stop, backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
 
     async def _session(self) -> None:
@@ -188,8 +188,7 @@ class Heartbeater:
             now = time.monotonic()
             if next_at < now:  # we were late (a stalled loop): do not burst to catch up
                 next_at = now
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), next_at - now)
+            await sleep_or_stop(self._stop, next_at - now)
 
     async def _resolve_meta(self) -> Meta:
         source = self._meta
@@ -198,7 +197,8 @@ class Heartbeater:
         try:
             value = source()
             if inspect.isawaitable(value):
-                value = await asyncio.wait_for(value, self.interval_s / 2)
+                async with asyncio.timeout(self.interval_s / 2):
+                    value = await value
             self._last_meta = _check_meta(value)
         except Exception as exc:  # the host's callable must never stop heartbeats
             log.warning("%r: meta callable failed (%s); sending the last good meta", self, exc)
@@ -213,10 +213,9 @@ class Heartbeater:
         message = aio_pika.Message(beat.encode(), content_type="application/json",
                                    delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
         try:
-            await asyncio.wait_for(
-                exchange.publish(message, beat.routing_key, mandatory=False), timeout_s
-            )
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s):
+                await exchange.publish(message, beat.routing_key, mandatory=False)
+        except TimeoutError:
             self.dropped += 1
             log.debug("%r: heartbeat %d not written within %.2fs", self, self.seq, timeout_s)
             return

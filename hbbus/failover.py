@@ -195,11 +195,12 @@ class FailoverConsumer:
                            keys: list[str], attempt: int) -> str:
         assert self._redis is not None
         try:
-            await asyncio.wait_for(handler(event), self.handler_timeout_s)
+            async with asyncio.timeout(self.handler_timeout_s):
+                await handler(event)
         except Exception as exc:
             await self._redis.delete(keys[2])
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            if isinstance(exc, asyncio.TimeoutError):
+            if isinstance(exc, TimeoutError):
                 error = f"handler timed out after {self.handler_timeout_s:g}s"
             return await self._failed(event, message, attempt, error,
                                       permanent=isinstance(exc, PermanentFailure))

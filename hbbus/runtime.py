@@ -38,11 +38,21 @@ def stop_reason(stop: asyncio.Event) -> str:
 
 async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep up to ``seconds``; return True at once if ``stop`` is set meanwhile."""
-    if seconds <= 0:
+    if stop.is_set() or seconds <= 0:
         return stop.is_set()
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
     return stop.is_set()
+
+
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``event``; whether it is set.
+
+    Uses ``asyncio.timeout``: unlike ``asyncio.wait_for`` before Python 3.12, it never
+    swallows a cancellation that races with completion.
+    """
+    return await sleep_or_stop(event, seconds)
 
 
 def setup_logging(verbosity: int) -> None:

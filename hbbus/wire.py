@@ -27,6 +27,7 @@ STATUSES = frozenset({"ok", "degraded", "draining", "left"})
 EVENT_KINDS = frozenset({"joined", "dead", "recovered", "restarted", "left"})
 INVALID_REASONS = ("oversized", "malformed", "version", "schema", "name", "routing-key")
 
+MAX_INT = 2**53  # exact in a double: Redis Lua compares numbers as doubles
 _INT_FIELDS = ("seq", "ivl_ms", "misses", "sent_ms")
 _NAME_FIELDS = ("svc", "inst", "inc")
 
@@ -93,8 +94,8 @@ def _check_heartbeat_fields(doc: dict[str, Any]) -> None:
             raise InvalidMessage("name", f"field {name!r} = {value[:80]!r} is not a valid name")
     for name in _INT_FIELDS:
         value = doc.get(name)
-        if type(value) is not int or value < 0:
-            raise InvalidMessage("schema", f"field {name!r} must be a non-negative integer")
+        if type(value) is not int or not 0 <= value <= MAX_INT:
+            raise InvalidMessage("schema", f"field {name!r} must be an integer in 0..2**53")
     if doc["ivl_ms"] == 0 or doc["misses"] == 0:
         raise InvalidMessage("schema", "ivl_ms and misses must be positive")
     if doc.get("status", "ok") not in STATUSES:

@@ -14,6 +14,12 @@ from hbbus.settings import Settings
 from hbbus.wire import Event
 
 
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
+
+
 def exec_action(command: str, timeout_s: float = 60.0):
     """A handler that runs ``command`` in ``/bin/sh`` with the event JSON on stdin.
 
@@ -29,12 +35,14 @@ def exec_action(command: str, timeout_s: float = 60.0):
             command, stdin=asyncio.subprocess.PIPE, env=env, start_new_session=True
         )
         try:
-            await asyncio.wait_for(proc.communicate(event.raw), timeout_s)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+            async with asyncio.timeout(timeout_s):
+                await proc.communicate(event.raw)
+        except TimeoutError:
+            await _kill_group(proc)
             raise ActionFailed(f"command timed out after {timeout_s:g}s") from None
+        except asyncio.CancelledError:
+            await _kill_group(proc)
+            raise
         if proc.returncode != 0:
             raise ActionFailed(f"command exited with status {proc.returncode}")
 

@@ -1,0 +1,225 @@
+"""The failover-consumer framework on the real broker and Redis (guarantees 2 and 6)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+
+import aio_pika
+import orjson
+import pytest
+
+from hbbus.amqp import connect, declare_events
+from hbbus.client import Heartbeater
+from hbbus.errors import PermanentFailure
+from hbbus.failover import FailoverConsumer, RetryPolicy, dlq_messages
+from hbbus.names import Names
+from hbbus.workers.failover_runner import exec_consumer
+from tests.helpers import wait_until
+
+FAST_RETRY = RetryPolicy(max_retries=3, base_s=0.05, max_s=0.2)
+
+
+def event(kind="dead", instance="db-1", ord_=1, id_=None):
+    return {"v": 1, "id": id_ or f"{kind}-{instance}-{ord_}", "kind": kind, "service": "db",
+            "instance": instance, "incarnation": "inc", "seq": 1, "ord": ord_, "at_ms": 1,
+            "last_seen_ms": 0, "ttl_ms": 1, "prev": "alive", "meta": {}}
+
+
+async def publish(settings, *events):
+    connection = await connect(settings, "test-publisher", robust=False)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await declare_events(channel, Names(settings.namespace))
+        for e in events:
+            await exchange.publish(aio_pika.Message(orjson.dumps(e), delivery_mode=2),
+                                   f"{e['kind']}.{e['service']}.{e['instance']}")
+
+
+@contextlib.asynccontextmanager
+async def running(consumer: FailoverConsumer):
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    ready = asyncio.ensure_future(consumer.ready.wait())
+    await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    try:
+        yield consumer
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def consumer_with(settings, handler, group="g", bindings=("dead.#",), kinds=("dead",), **kw):
+    consumer = FailoverConsumer(settings, group, list(bindings), retry=FAST_RETRY, **kw)
+    consumer.on(*kinds)(handler)
+    return consumer
+
+
+async def test_events_published_while_no_consumer_runs_are_handled_on_start(settings, aggregators):
+    seen = []
+
+    async def handler(e):
+        seen.append((e.kind, e.instance))
+
+    consumer = consumer_with(settings, handler, bindings=["*.app.*"], kinds=("joined", "dead"))
+    async with running(consumer):
+        pass  # the group's durable queue now exists; no member runs from here on
+    await aggregators(1)
+    hb = Heartbeater("app", "app-1", interval_s=0.1, misses=2, settings=settings)
+    await hb.start()
+    await asyncio.sleep(0.3)
+    await hb.abort()
+    await asyncio.sleep(0.6)
+    assert seen == []
+    async with running(consumer_with(settings, handler, bindings=["*.app.*"],
+                                     kinds=("joined", "dead"))):
+        await wait_until(lambda: len(seen) >= 2, 10, "joined and dead handled")
+    assert seen == [("joined", "app-1"), ("dead", "app-1")]
+
+
+async def test_fails_twice_then_succeeds_runs_three_times(settings):
+    calls = []
+
+    async def flaky(e):
+        calls.append(e.id)
+        if len(calls) < 3:
+            raise RuntimeError("not yet")
+
+    consumer = consumer_with(settings, flaky)
+    async with running(consumer):
+        await publish(settings, event())
+        await wait_until(lambda: consumer.counts["handled"] == 1, 10, "handled")
+        await asyncio.sleep(0.3)  # no further runs may follow
+    assert calls == ["dead-db-1-1"] * 3
+    assert consumer.counts["retried"] == 2
+
+
+async def test_always_failing_ends_in_dlq_and_can_be_replayed(settings):
+    calls = []
+
+    async def broken(e):
+        calls.append(e.id)
+        raise RuntimeError("disk on fire")
+
+    consumer = consumer_with(settings, broken)
+    async with running(consumer):
+        await publish(settings, event())
+        await wait_until(lambda: consumer.counts["dead-lettered"] == 1, 10, "dead-lettered")
+    assert len(calls) == FAST_RETRY.max_retries + 1
+    items = await dlq_messages(settings, "g")
+    assert len(items) == 1 and "disk on fire" in items[0]["error"]
+    assert items[0]["attempts"] == FAST_RETRY.max_retries + 1
+    assert len(await dlq_messages(settings, "g")) == 1, "listing does not consume"
+
+    fixed = []
+
+    async def works(e):
+        fixed.append(e.id)
+
+    assert len(await dlq_messages(settings, "g", replay=True)) == 1
+    async with running(consumer_with(settings, works)):
+        await wait_until(lambda: fixed == ["dead-db-1-1"], 10, "replayed event handled")
+    assert await dlq_messages(settings, "g") == []
+
+
+async def test_permanent_failure_skips_retries(settings):
+    calls = []
+
+    async def refuse(e):
+        calls.append(1)
+        raise PermanentFailure("no replica to promote")
+
+    consumer = consumer_with(settings, refuse)
+    async with running(consumer):
+        await publish(settings, event())
+        await wait_until(lambda: consumer.counts["dead-lettered"] == 1, 10, "dead-lettered")
+    assert calls == [1]
+
+
+async def test_duplicates_are_handled_once_per_group_across_members(settings):
+    calls = []
+
+    async def handler(e):
+        calls.append(e.id)
+        await asyncio.sleep(0.05)
+
+    a = consumer_with(settings, handler)
+    b = consumer_with(settings, handler)
+    other_group = []
+
+    async def other(e):
+        other_group.append(e.id)
+
+    c = consumer_with(settings, other, group="g2")
+    async with running(a), running(b), running(c):
+        dup = event(id_="same-id")
+        await publish(settings, dup, dup, dup, event(instance="db-2"))
+        await wait_until(lambda: len(calls) >= 2 and len(other_group) >= 2, 10, "handled")
+        await wait_until(lambda: a.counts["duplicate"] + b.counts["duplicate"] +
+                         a.counts["busy"] + b.counts["busy"] >= 2, 10, "duplicates skipped")
+        await asyncio.sleep(0.3)
+    assert sorted(calls) == ["dead-db-2-1", "same-id"]
+    assert sorted(other_group) == ["dead-db-2-1", "same-id"]
+
+
+async def test_older_event_after_newer_one_is_stale(settings):
+    calls = []
+
+    async def handler(e):
+        calls.append((e.kind, e.ord))
+
+    consumer = consumer_with(settings, handler, bindings=["#"], kinds=("dead", "recovered"))
+    async with running(consumer):
+        await publish(settings, event("recovered", ord_=5), event("dead", ord_=4))
+        await wait_until(lambda: consumer.counts["stale"] == 1, 10, "stale skipped")
+    assert calls == [("recovered", 5)]
+
+
+async def test_undecodable_event_goes_to_dlq(settings):
+    consumer = consumer_with(settings, lambda e: asyncio.sleep(0))
+    async with running(consumer):
+        connection = await connect(settings, "test", robust=False)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await declare_events(channel, Names(settings.namespace))
+            await exchange.publish(aio_pika.Message(b"garbage"), "dead.db.x")
+        await wait_until(lambda: consumer.counts["dead-lettered"] == 1, 10, "dead-lettered")
+    items = await dlq_messages(settings, "g")
+    assert items[0]["body"] == "garbage" and "not an hbbus event" in items[0]["error"]
+
+
+async def test_exec_action_gets_event_on_stdin_and_retries_on_nonzero(settings, tmp_path):
+    out = tmp_path / "runs"
+    script = tmp_path / "action.sh"
+    script.write_text(f"""#!/bin/sh
+cat >> {out}; echo " $HBBUS_EVENT_KIND $HBBUS_SERVICE/$HBBUS_INSTANCE" >> {out}
+[ $(wc -l < {out}) -ge 2 ]
+""")
+    os.chmod(script, 0o755)
+    consumer = exec_consumer(settings, "ex", ["dead.#"], str(script), retry=FAST_RETRY,
+                             timeout_s=5)
+    async with running(consumer):
+        await publish(settings, event())
+        await wait_until(lambda: consumer.counts["handled"] == 1, 10, "handled")
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and all(line.endswith(" dead db/db-1") for line in lines)
+    assert orjson.loads(lines[0].rsplit(" dead", 1)[0])["id"] == "dead-db-1-1"
+
+
+async def test_exec_timeout_is_a_failure(settings):
+    consumer = exec_consumer(settings, "slow", ["dead.#"], "sleep 30",
+                             retry=RetryPolicy(max_retries=0, base_s=0.05), timeout_s=0.3)
+    async with running(consumer):
+        await publish(settings, event())
+        await wait_until(lambda: consumer.counts["dead-lettered"] == 1, 10, "dead-lettered")
+    items = await dlq_messages(settings, "slow")
+    assert "timed out" in items[0]["error"]
+
+
+def test_unknown_kind_is_refused(settings):
+    consumer = FailoverConsumer(settings, "g", ["#"])
+    with pytest.raises(Exception, match="unknown event kind"):
+        consumer.on("deceased")

@@ -1,0 +1,121 @@
+"""The Lua state machine on the real Redis (no broker): transitions, ordering, leases, purge."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hbbus.store import Store, StoreConfig
+from hbbus.wire import Heartbeat
+from tests.helpers import wait_until
+
+
+@pytest.fixture
+async def store(settings):
+    s = Store.from_settings(settings, StoreConfig(lease_ms=200, retention_ms=400))
+    yield s
+    await s.close()
+
+
+def hb(seq, inc="i1", status="ok", inst="a", meta=None):
+    return Heartbeat("svc", inst, inc, seq, 100, 2, 0, status, meta or {})
+
+
+async def ingest(store, *beats, ttl_ms=200):
+    return await store.ingest([(b, 100, ttl_ms) for b in beats])
+
+
+def kinds(events):
+    return [e.routing_key.split(".")[0] for e in events]
+
+
+async def test_join_then_stale_and_duplicate_seqs_are_ignored(store):
+    stale, events = await ingest(store, hb(5))
+    assert (stale, kinds(events)) == (0, ["joined"])
+    stale, events = await ingest(store, hb(5), hb(4), hb(6))
+    assert stale == 2 and events == []
+    record = await store.record("svc", "a")
+    assert record["seq"] == "6" and record["state"] == "alive"
+    assert await store.redis.pttl(store.names.alive_key("svc", "a")) > 0
+
+
+async def test_restart_and_old_incarnation_reordered(store):
+    await ingest(store, hb(10, "i1"))
+    _, events = await ingest(store, hb(1, "i2"))
+    assert kinds(events) == ["restarted"]
+    stale, events = await ingest(store, hb(11, "i1"))  # late message of the old process
+    assert stale == 1 and events == []
+    assert (await store.record("svc", "a"))["inc"] == "i2"
+
+
+async def test_dead_recovered_left_and_purge(store):
+    await ingest(store, hb(1))
+    result = await wait_until(lambda: _claim_kind(store, "dead"), 3, "dead")
+    event = result[0]
+    assert event.routing_key == "dead.svc.a"
+    assert not await store.redis.exists(store.names.alive_key("svc", "a"))
+    _, events = await ingest(store, hb(2))
+    assert kinds(events) == ["recovered"]
+    _, events = await ingest(store, hb(3, status="left"))
+    assert kinds(events) == ["left"]
+    _, events = await ingest(store, hb(4, status="left"))
+    assert events == []  # a second `left` is not a transition
+    # a left record is purged after its retention
+    await wait_until(lambda: _gone(store), 5, "purge after retention")
+    assert "svc/a" not in await store.redis.smembers(store.names.instances_key)
+
+
+async def _claim_kind(store, kind):
+    result = await store.claim()
+    await store.finalize(e.id for e in result.events)
+    return [e for e in result.events if e.routing_key.startswith(kind + ".")]
+
+
+async def _gone(store):
+    await store.claim()
+    return await store.record("svc", "a") is None
+
+
+async def test_left_of_unknown_instance_creates_nothing(store):
+    stale, events = await ingest(store, hb(1, status="left"))
+    assert stale == 1 and events == [] and await store.record("svc", "a") is None
+
+
+async def test_unpublished_event_is_claimed_again_with_same_id(store):
+    _, events = await ingest(store, hb(1))
+    first = events[0]
+    result = await store.claim()
+    assert first.id not in [e.id for e in result.events]  # lease still held
+    await asyncio.sleep(0.25)
+    result = await store.claim()
+    again = [e for e in result.events if e.id == first.id]
+    assert again and again[0].body == first.body
+    await store.finalize([first.id])
+    assert first.id not in await store.redis.hkeys(store.names.outbox_body_key)
+
+
+async def test_each_transition_has_a_growing_ord_and_history(store):
+    await ingest(store, hb(1))
+    await ingest(store, hb(1, "i2"))
+    await ingest(store, hb(2, "i2", status="left"))
+    history = await store.history("svc", "a")
+    assert [h["kind"] for h in history] == ["left", "restarted", "joined"]
+    ords = [h["ord"] for h in reversed(history)]
+    assert ords == sorted(ords) and len(set(ords)) == 3
+    assert [e["kind"] for e in await store.recent_events()] == ["joined", "restarted", "left"]
+
+
+async def test_forget(store):
+    await ingest(store, hb(1, meta={"endpoint": "x"}))
+    assert await store.forget("svc", "a")
+    assert await store.record("svc", "a") is None
+    assert not await store.forget("svc", "a")
+    assert await store.redis.zscore(store.names.deadlines_key, "svc/a") is None
+
+
+async def test_batch_of_many_instances_in_one_call(store):
+    beats = [hb(1, inst=f"i{n}") for n in range(500)]
+    stale, events = await ingest(store, *beats)
+    assert stale == 0 and len(events) == 500
+    assert await store.redis.zcard(store.names.deadlines_key) == 500

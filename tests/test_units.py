@@ -1,0 +1,165 @@
+"""Pure logic, no servers: wire format, settings, names, matching, clamping, retry maths."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hbbus.errors import ConfigError, InvalidMessage
+from hbbus.failover import RetryPolicy
+from hbbus.names import Names, split_instance_id
+from hbbus.ops import topic_match
+from hbbus.settings import Settings, redact
+from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_event, decode_heartbeat
+from hbbus.workers.aggregator import AggregatorConfig, coalesce
+from hbbus.cli.main import parse_meta
+
+names = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53),
+                         st.text(max_size=20))
+
+
+def beat(**kw):
+    base = dict(service="api", instance="api-1", incarnation="inc", seq=1, interval_ms=1000,
+                misses=3, sent_ms=1, status="ok", meta={})
+    base.update(kw)
+    return Heartbeat(**base)
+
+
+@given(service=names, instance=names, incarnation=names, seq=st.integers(0, 2**53),
+       interval_ms=st.integers(1, 10**7), misses=st.integers(1, 100),
+       meta=st.dictionaries(st.text(max_size=10), json_scalars, max_size=5))
+def test_heartbeat_roundtrip(service, instance, incarnation, seq, interval_ms, misses, meta):
+    hb = Heartbeat(service, instance, incarnation, seq, interval_ms, misses, 1, "ok", meta)
+    assert decode_heartbeat(hb.encode(), hb.routing_key) == hb
+
+
+@given(st.binary(max_size=200))
+def test_decoder_never_crashes_on_garbage(body):
+    try:
+        decode_heartbeat(body)
+    except InvalidMessage as exc:
+        assert exc.reason in ("oversized", "malformed", "version", "schema", "name", "routing-key")
+
+
+@pytest.mark.parametrize(("doc", "reason"), [
+    (b"not json", "malformed"),
+    (b"[1, 2]", "malformed"),
+    (orjson.dumps({"v": 2}), "version"),
+    (orjson.dumps({**orjson.loads(beat().encode()), "svc": "a.b"}), "name"),
+    (orjson.dumps({**orjson.loads(beat().encode()), "inst": "x" * 65}), "name"),
+    (orjson.dumps({**orjson.loads(beat().encode()), "seq": -1}), "schema"),
+    (orjson.dumps({**orjson.loads(beat().encode()), "seq": "7"}), "schema"),
+    (orjson.dumps({**orjson.loads(beat().encode()), "ivl_ms": 0}), "schema"),
+    (orjson.dumps({**orjson.loads(beat().encode()), "status": "zombie"}), "schema"),
+    (orjson.dumps({**orjson.loads(beat().encode()), "meta": [1]}), "schema"),
+    (orjson.dumps({**orjson.loads(beat().encode()), "seq": True}), "schema"),
+])
+def test_invalid_heartbeats_have_reasons(doc, reason):
+    with pytest.raises(InvalidMessage) as info:
+        decode_heartbeat(doc)
+    assert info.value.reason == reason
+
+
+def test_oversized_and_routing_key_mismatch():
+    big = beat(meta={"blob": "x" * MAX_MESSAGE_BYTES}).encode()
+    with pytest.raises(InvalidMessage, match="oversized"):
+        decode_heartbeat(big)
+    with pytest.raises(InvalidMessage, match="routing-key"):
+        decode_heartbeat(beat().encode(), "hb.api.other")
+
+
+def test_seq_beyond_double_precision_is_refused():
+    with pytest.raises(InvalidMessage, match="schema"):
+        decode_heartbeat(beat(seq=2**53 + 1).encode())
+
+
+def test_event_decoding():
+    body = orjson.dumps({"v": 1, "id": "x", "kind": "dead", "service": "a", "instance": "b",
+                         "incarnation": "i", "seq": 1, "ord": 2, "at_ms": 3,
+                         "last_seen_ms": 1, "ttl_ms": 2, "prev": "alive", "meta": {"r": 1}})
+    event = decode_event(body)
+    assert event.routing_key == "dead.a.b" and event.meta == {"r": 1}
+    assert event.to_dict()["kind"] == "dead"
+    with pytest.raises(InvalidMessage):
+        decode_event(b'{"v": 1, "id": 3}')
+
+
+def test_settings_from_env_and_overrides():
+    env = {"HBBUS_AMQP_URL": "amqp://u:secret@h:1/", "HBBUS_NAMESPACE": "prod"}
+    s = Settings.from_env(env, redis_url="redis://:pw@r:2/1")
+    assert (s.amqp_url, s.namespace, s.redis_url) == ("amqp://u:secret@h:1/", "prod",
+                                                      "redis://:pw@r:2/1")
+    assert "secret" not in repr(s) and "pw" not in repr(s) and "***" in repr(s)
+    assert Settings.from_env({}).namespace == "hbbus"
+    with pytest.raises(ConfigError, match="scheme"):
+        Settings(amqp_url="http://x/")
+    with pytest.raises(ConfigError, match="scheme"):
+        Settings(redis_url="mysql://x/")
+    with pytest.raises(ConfigError, match="namespace"):
+        Settings(namespace="a.b")
+
+
+def test_redact():
+    assert redact("amqp://guest:guest@h:5672/v") == "amqp://guest:***@h:5672/v"
+    assert redact("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_names_carry_the_namespace():
+    n = Names("ns1")
+    every = [n.heartbeats_exchange, n.aggregator_queue, n.invalid_queue, n.events_exchange,
+             n.failover_queue("g"), n.failover_dlq("g"), n.failover_retry_queue("g", 500)]
+    assert all(x.startswith("ns1.") for x in every)
+    keys = [n.record_key("a", "b"), n.alive_key("a", "b"), n.deadlines_key, n.outbox_key,
+            n.log_key, n.instances_key, n.failover_key("g", "order")]
+    assert all(k.startswith("{ns1}:") for k in keys)
+    assert split_instance_id("api/api-1") == ("api", "api-1")
+    for bad in ("api", "api/", "/x", "a b/c"):
+        with pytest.raises(ConfigError):
+            split_instance_id(bad)
+
+
+@pytest.mark.parametrize(("pattern", "key", "expected"), [
+    ("#", "dead.db.db-1", True),
+    ("dead.#", "dead.db.db-1", True),
+    ("dead.db.*", "dead.db.db-1", True),
+    ("dead.db.*", "joined.db.db-1", False),
+    ("*.db.*", "left.db.x", True),
+    ("*.db", "left.db.x", False),
+    ("#.x", "left.db.x", True),
+    ("dead.#.x", "dead.x", True),
+])
+def test_topic_match(pattern, key, expected):
+    assert topic_match(pattern, key) is expected
+
+
+def test_coalesce_keeps_the_newest_per_instance():
+    beats = [beat(seq=3), beat(seq=5), beat(seq=4), beat(instance="b", seq=9),
+             beat(incarnation="new", seq=1)]
+    out = {b.key: b for b in coalesce(beats)}
+    assert out[("api", "api-1")].incarnation == "new"
+    assert out[("api", "b")].seq == 9
+    assert [b.seq for b in coalesce(beats[:3])] == [5]
+
+
+def test_clamp():
+    cfg = AggregatorConfig(min_interval_ms=100, max_interval_ms=10_000, max_misses=5)
+    assert cfg.clamp(beat(interval_ms=1, misses=1)) == (100, 100)
+    assert cfg.clamp(beat(interval_ms=50_000, misses=50)) == (10_000, 50_000)
+    assert cfg.clamp(beat(interval_ms=200, misses=3)) == (200, 600)
+
+
+def test_retry_policy():
+    policy = RetryPolicy(max_retries=4, base_s=0.5, max_s=2)
+    assert policy.delays_ms == [500, 1000, 2000, 2000]
+    with pytest.raises(ConfigError):
+        RetryPolicy(max_retries=-1)
+
+
+def test_parse_meta():
+    assert parse_meta(("endpoint=10.0.0.1:80", "load=0.5", "primary=true", "v=")) == {
+        "endpoint": "10.0.0.1:80", "load": 0.5, "primary": True, "v": ""}
+    with pytest.raises(ConfigError):
+        parse_meta(("novalue",))
