@@ -95,11 +95,19 @@ def verbose_option(func: Any) -> Any:
 
     def bump(ctx: click.Context, _param: click.Parameter, value: int) -> int:
         if value:
-            setup_logging(ctx.find_root().obj["verbose"] + value)
+            root = ctx.find_root().obj
+            root["verbose"] += value
+            setup_logging(root["verbose"])
         return value
 
     return click.option("-v", "--verbose", count=True, expose_value=False, callback=bump,
                         help="-v: info logs, -vv: debug logs")(func)
+
+
+def worker_logging(ctx: click.Context) -> None:
+    """Workers log their lifecycle (start, stop with counts) at info level by default."""
+    if ctx.find_root().obj["verbose"] == 0:
+        setup_logging(1)
 
 
 def parse_meta(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -184,6 +192,7 @@ def aggregator(ctx: click.Context, prefetch: int, lease_ms: int, retention_s: in
     from hbbus.store import StoreConfig
     from hbbus.workers.aggregator import Aggregator, AggregatorConfig
 
+    worker_logging(ctx)
     config = AggregatorConfig(prefetch=prefetch, store=StoreConfig(
         lease_ms=lease_ms, retention_ms=retention_s * 1000))
 
@@ -221,6 +230,7 @@ def failover_run(ctx: click.Context, group: str, bindings: tuple[str, ...], comm
     from hbbus.failover import RetryPolicy
     from hbbus.workers.failover_runner import exec_consumer
 
+    worker_logging(ctx)
     retry = RetryPolicy(max_retries=max_retries, base_s=backoff, max_s=max(backoff, max_backoff))
     consumer = exec_consumer(settings_of(ctx), group, bindings, command, retry=retry,
                              timeout_s=timeout)
@@ -274,7 +284,8 @@ def status_table(rows: list[dict[str, Any]], title: str | None = None) -> Any:
     colours = {"alive": "green", "dead": "bold red", "left": "dim"}
     table = Table(title=title, title_justify="left", header_style="bold")
     for col in ("service", "instance", "state", "age", "seq", "incarnation", "meta"):
-        table.add_column(col, justify="right" if col in ("age", "seq") else "left")
+        table.add_column(col, justify="right" if col in ("age", "seq") else "left",
+                         no_wrap=col != "meta")
     for r in rows:
         state = r["state"] if r["status"] in ("ok", "left", "") else f"{r['state']} ({r['status']})"
         table.add_row(r["service"], r["instance"], f"[{colours.get(r['state'], '')}]{state}",
@@ -300,7 +311,7 @@ def status(ctx: click.Context, service: str | None, state: str | None, as_json: 
         return
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: do not wrap rows
     console.print(summary(rows), highlight=False)
     if rows:
         console.print(status_table(rows))

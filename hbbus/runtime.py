@@ -64,9 +64,11 @@ def setup_logging(verbosity: int) -> None:
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
         force=True,
     )
-    if verbosity < 2:
-        logging.getLogger("aio_pika").setLevel(logging.WARNING)
-        logging.getLogger("aiormq").setLevel(logging.WARNING)
+    # the libraries' own connection errors are reported by hbbus in one line of its own
+    library_level = logging.DEBUG if verbosity > 2 else (
+        logging.WARNING if verbosity >= 1 else logging.CRITICAL)
+    for name in ("aio_pika", "aiormq"):
+        logging.getLogger(name).setLevel(library_level)
 
 
 def run(main: object) -> object:
