@@ -12,14 +12,16 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import AMQPError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
 from hbbus.errors import Unavailable
 from hbbus.names import Names
 from hbbus.settings import Settings, redact
 
-#: Errors that mean "the broker is not there (any more)".
-AMQP_ERRORS: tuple[type[BaseException], ...] = (AMQPError, OSError, asyncio.TimeoutError)
+#: Errors that mean "the broker is not there (any more)". ChannelInvalidStateError is a
+#: RuntimeError, raised when a channel closed under a publish before the connection noticed.
+AMQP_ERRORS: tuple[type[BaseException], ...] = (
+    AMQPError, ChannelInvalidStateError, OSError, asyncio.TimeoutError)
 
 AGGREGATOR_QUEUE_ARGS = {"x-max-length": 1_000_000, "x-overflow": "drop-head"}
 PARKING_QUEUE_ARGS = {"x-max-length": 10_000, "x-overflow": "drop-head"}

@@ -158,7 +158,7 @@ class Heartbeater:
             try:
                 await self._session()
                 return
-            except (*AMQP_ERRORS, Unavailable, aio_pika.exceptions.ChannelInvalidStateError) as exc:
+            except (*AMQP_ERRORS, Unavailable) as exc:
                 self._connected.clear()
                 log.warning("%r: connection lost or refused (%s); retrying in %.1fs",
                             self, exc or type(exc).__name__, backoff)

@@ -76,6 +76,10 @@ class PrivateRabbit:
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
 
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "mnesia" / f"{self.node}.pid"
+
     def _env(self) -> dict[str, str]:
         return {**os.environ,
                 "RABBITMQ_NODENAME": self.node,
@@ -83,7 +87,10 @@ class PrivateRabbit:
                 "RABBITMQ_DIST_PORT": str(self.dist_port),
                 "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
                 "RABBITMQ_LOG_BASE": str(self.dir / "log"),
-                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins")}
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+                # a config of its own: the system's rabbitmq.conf may pin `listeners.tcp` to
+                # 5672, which overrides RABBITMQ_NODE_PORT (the node then dies: eaddrinuse)
+                "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf")}
 
     def _ctl(self, *args: str, timeout_s: float = 60) -> None:
         subprocess.run(["rabbitmqctl", "-n", self.node, *args], env=self._env(), check=True,
@@ -93,15 +100,19 @@ class PrivateRabbit:
         for sub in ("mnesia", "log"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
         try:
             user = pwd.getpwnam("rabbitmq")
             for path in (self.dir, self.dir / "mnesia", self.dir / "log",
-                         self.dir / "enabled_plugins"):
+                         self.dir / "enabled_plugins", self.dir / "rabbitmq.conf"):
                 os.chown(path, user.pw_uid, user.pw_gid)
         except KeyError:
             pass
         subprocess.run(["rabbitmq-server", "-detached"], env=self._env(), check=True,
                        capture_output=True, timeout=60)
+        # `-detached` returns before the node has registered with epmd, so `await_startup` alone
+        # can fail at once ("not running at all"); `wait PIDFILE` waits for the node to boot
+        self._ctl("wait", str(self.pid_file), "--timeout", "90", timeout_s=100)
         self._ctl("await_startup", timeout_s=90)
         wait_port(self.port, 30)
         return self
@@ -115,8 +126,8 @@ class PrivateRabbit:
         wait_port(self.port, 30)
 
     def stop(self) -> None:
-        try:
-            self._ctl("stop")
+        try:  # with the pid file, `stop` returns only once the node's process has exited
+            self._ctl("stop", str(self.pid_file))
         except (subprocess.SubprocessError, OSError):
             subprocess.run(["pkill", "-9", "-f", self.node], check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
