@@ -8,7 +8,9 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -40,9 +42,38 @@ def require(ok: bool, what: str) -> None:
     pytest.skip(f"{what} not available")
 
 
+def _docker_engine() -> bool:
+    docker = shutil.which("docker")
+    if docker is None:
+        return False
+    try:
+        return subprocess.run([docker, "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+# pytest-docker, used only when the servers do not answer and a Docker engine exists
 @pytest.fixture(scope="session")
-def base_settings() -> Settings:
+def docker_compose_file(pytestconfig: pytest.Config) -> str:
+    return str(Path(pytestconfig.rootpath) / "compose" / "compose.yaml")
+
+
+@pytest.fixture(scope="session")
+def docker_setup() -> list[str]:
+    return ["up -d rabbitmq redis"]
+
+
+@pytest.fixture(scope="session")
+def base_settings(request: pytest.FixtureRequest) -> Settings:
+    """Servers from HBBUS_AMQP_URL/HBBUS_REDIS_URL (default: localhost); where they do not
+    answer and a Docker engine exists, compose/ starts them through pytest-docker."""
     settings = Settings.from_env()
+    up = _answers(settings.amqp_url, 5672) and _answers(settings.redis_url, 6379)
+    if not up and _docker_engine():
+        services = request.getfixturevalue("docker_services")
+        services.wait_until_responsive(
+            check=lambda: _answers(settings.amqp_url, 5672) and _answers(settings.redis_url, 6379),
+            timeout=120, pause=1)
     require(_answers(settings.amqp_url, 5672), f"RabbitMQ at {settings!r}")
     require(_answers(settings.redis_url, 6379), f"Redis at {settings!r}")
     return settings
