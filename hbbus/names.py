@@ -105,6 +105,14 @@ class Names:
         return f"{self.key_prefix}outbox:body"
 
     @property
+    def outbox_lease_key(self) -> str:
+        return f"{self.key_prefix}outbox:lease"
+
+    @property
+    def outbox_pending_key(self) -> str:
+        return f"{self.key_prefix}outbox:pending"
+
+    @property
     def log_key(self) -> str:
         return f"{self.key_prefix}log"
 

@@ -182,10 +182,13 @@ async def _doctor_redis(settings: Settings, report: DoctorReport) -> None:
             states = {s: sum(1 for r in records if r.get("state") == s) for s in STATES}
             report.add("state", True, f"{len(records)} instances: " +
                        ", ".join(f"{n} {s}" for s, n in states.items()))
-            pending = await store.redis.zrangebyscore(store.names.outbox_key, "-inf",
-                                                      server_ms, start=0, num=1)
-            report.add("outbox", not pending, "no event waits to be published" if not pending else
-                       "events wait past their lease: is any aggregator running?")
+            oldest = await store.redis.zrange(store.names.outbox_key, 0, 0, withscores=True)
+            stuck_ms = server_ms - int(oldest[0][1]) if oldest else 0
+            report.add("outbox", stuck_ms < 2 * store.config.lease_ms,
+                       "no event waits to be published" if not oldest else
+                       f"the oldest unpublished event is {stuck_ms} ms old" +
+                       ("" if stuck_ms < 2 * store.config.lease_ms else
+                        ": is any aggregator running, can it reach RabbitMQ?"))
     except Unavailable as exc:
         report.add("redis", False, str(exc))
 

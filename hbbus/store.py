@@ -8,7 +8,9 @@ Key layout (``P`` = ``{<ns>}:``, see :mod:`hbbus.names`):
 - ``P hist:<svc>/<inst>``  list, the instance's last transitions (newest first)
 - ``P instances``          set of known ``svc/inst``
 - ``P deadlines``          sorted set: ``svc/inst`` -> the time of its next transition (ms)
-- ``P outbox`` / ``P outbox:body``  events claimed for publishing (score: lease end)
+- ``P outbox``             sorted set of unpublished event ids, oldest first; with
+  ``P outbox:body`` (id -> instance, routing key, JSON), ``P outbox:lease`` (id -> lease end)
+  and ``P outbox:pending`` (instance -> number of its unpublished events)
 - ``P log``                capped stream of every transition (the history)
 - ``P stats``              hash of counters
 """
@@ -88,7 +90,11 @@ class Store:
         self.config = config or StoreConfig()
         self._ingest = redis.register_script(_script("ingest.lua"))
         self._claim = redis.register_script(_script("claim.lua"))
+        self._finalize = redis.register_script(_script("finalize.lua"))
         c = self.config
+        self._keys = [names.deadlines_key, names.instances_key, names.outbox_key,
+                      names.outbox_body_key, names.outbox_lease_key, names.outbox_pending_key,
+                      names.log_key]
         self._common = [names.key_prefix, c.lease_ms, c.retention_ms, c.log_maxlen, c.history_len]
 
     @classmethod
@@ -115,24 +121,26 @@ class Store:
         for beat, interval_ms, ttl_ms in beats:
             args += (beat.service, beat.instance, beat.incarnation, beat.seq, interval_ms,
                      ttl_ms, beat.sent_ms, beat.status, orjson.dumps(beat.meta))
-        reply = await self._ingest(args=args)
+        reply = await self._ingest(keys=self._keys, args=args)
         return int(reply[0]), _events(reply[1:])
 
     async def claim(self, limit: int = 1000) -> ClaimResult:
         """Claim due transitions and expired outbox leases (the reaper's step)."""
-        reply = await self._claim(args=[*self._common, limit])
+        reply = await self._claim(keys=self._keys, args=[*self._common, limit])
         nxt = int(reply[1])
         return ClaimResult(int(reply[0]), nxt if nxt >= 0 else None, _events(reply[2:]))
 
     async def finalize(self, event_ids: Iterable[str]) -> None:
-        """Drop published events from the outbox."""
+        """Drop published (confirmed) events from the outbox."""
         ids = list(event_ids)
-        if not ids:
-            return
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.names.outbox_key, *ids)
-            pipe.hdel(self.names.outbox_body_key, *ids)
-            await pipe.execute()
+        if ids:
+            await self._finalize(keys=self._keys, args=[*self._common, *ids])
+
+    async def release(self, event_ids: Iterable[str]) -> None:
+        """Give back events that could not be published: a reaper retries them at once."""
+        ids = list(event_ids)
+        if ids:
+            await self._finalize(keys=self._keys, args=[*self._common, "release", *ids])
 
     # -- counters ----------------------------------------------------------------------------
     async def count(self, counts: dict[str, int]) -> None:

@@ -72,24 +72,33 @@ async def test_fleet_deaths_leaves_recoveries_and_restarts(settings, aggregators
 
 
 async def test_killed_between_claim_and_publish_loses_nothing(settings, aggregators, sink):
-    """A reaper that claims a transition and dies before publishing: another one publishes it
-    after the lease, with the same id."""
+    """A worker that claims transitions and dies before publishing them: another one publishes
+    them after the lease, with the same ids, and in order per instance."""
     store = Store.from_settings(settings, FAST.store)
     try:
         now_ms = int(time.time() * 1000)
-        beat = Heartbeat("db", "db-1", "inc-a", 1, 100, 2, now_ms, "ok", {"role": "primary"})
-        _, joined = await store.ingest([(beat, 100, 200)])  # claimed by us, never published
+        one = Heartbeat("db", "db-1", "inc-a", 1, 100, 2, now_ms, "ok", {"role": "primary"})
+        two = Heartbeat("db", "db-2", "inc-b", 1, 100, 2, now_ms, "ok", {"role": "replica"})
+        _, joined = await store.ingest([(one, 100, 200), (two, 100, 200)])
+        await store.finalize([e.id for e in joined if e.routing_key == "joined.db.db-1"])
+        # db-2's `joined` stays claimed by an "ingest that died"; now a "reaper" claims db-1's
+        # death and dies too
         await asyncio.sleep(0.3)
-        claim = await store.claim()  # the "dying reaper" claims the death, then vanishes
+        claim = await store.claim()
         dead = [e for e in claim.events if e.routing_key == "dead.db.db-1"]
         assert len(dead) == 1
         assert not sink.events, "nothing is published before an aggregator runs"
 
         await aggregators(1)
-        got = await sink.wait_for("dead", "db-1", timeout_s=FAST.store.lease_ms / 1000 + 5)
+        lease_s = FAST.store.lease_ms / 1000
+        got = await sink.wait_for("dead", "db-1", timeout_s=lease_s + 5)
         assert got[0]["id"] == dead[0].id
-        joined_ev = await sink.wait_for("joined", "db-1")
-        assert joined_ev[0]["id"] == joined[0].id
+        joined_two = await sink.wait_for("joined", "db-2", timeout_s=lease_s + 5)
+        assert joined_two[0]["id"] == next(e.id for e in joined if e.routing_key == "joined.db.db-2")
+        await sink.wait_for("dead", "db-2", timeout_s=lease_s + 5)
+        kinds_two = [e["kind"] for e in sink.of(instance="db-2")]
+        assert kinds_two == ["joined", "dead"], "db-2's death waited for its `joined`"
+        assert len(sink.of("dead")) == 2
         assert await wait_until(lambda: _outbox_empty(store), 5, "outbox drained")
     finally:
         await store.close()

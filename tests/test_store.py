@@ -22,8 +22,12 @@ def hb(seq, inc="i1", status="ok", inst="a", meta=None):
     return Heartbeat("svc", inst, inc, seq, 100, 2, 0, status, meta or {})
 
 
-async def ingest(store, *beats, ttl_ms=200):
-    return await store.ingest([(b, 100, ttl_ms) for b in beats])
+async def ingest(store, *beats, ttl_ms=200, publish=True):
+    """Apply heartbeats; with ``publish``, finalise the events handed out, as a publisher would."""
+    stale, events = await store.ingest([(b, 100, ttl_ms) for b in beats])
+    if publish:
+        await store.finalize(e.id for e in events)
+    return stale, events
 
 
 def kinds(events):
@@ -83,7 +87,7 @@ async def test_left_of_unknown_instance_creates_nothing(store):
 
 
 async def test_unpublished_event_is_claimed_again_with_same_id(store):
-    _, events = await ingest(store, hb(1))
+    _, events = await ingest(store, hb(1), publish=False)
     first = events[0]
     result = await store.claim()
     assert first.id not in [e.id for e in result.events]  # lease still held
@@ -119,3 +123,42 @@ async def test_batch_of_many_instances_in_one_call(store):
     stale, events = await ingest(store, *beats)
     assert stale == 0 and len(events) == 500
     assert await store.redis.zcard(store.names.deadlines_key) == 500
+
+
+async def test_an_instance_events_are_handed_out_in_order(store):
+    """A newer event of an instance waits until the older one is published (finalised)."""
+    _, joined = await ingest(store, hb(1), publish=False)
+    _, restarted = await ingest(store, hb(1, "i2"), publish=False)
+    assert restarted == [], "held back behind the unpublished `joined`"
+    assert (await store.claim()).events == []  # `joined` is leased; `restarted` must wait
+    await store.finalize([joined[0].id])
+    handed = (await store.claim()).events
+    assert kinds(handed) == ["restarted"]
+    # a publish that failed is released: handed out again at once, same id, before newer ones
+    await store.release([handed[0].id])
+    _, left = await ingest(store, hb(2, "i2", status="left"), publish=False)
+    assert left == []
+    again = (await store.claim()).events
+    assert [e.id for e in again] == [handed[0].id]
+    await store.finalize([handed[0].id])
+    assert kinds((await store.claim()).events) == ["left"]
+    # other instances are not held up by this one
+    _, other = await ingest(store, hb(1, inst="b"), publish=False)
+    assert kinds(other) == ["joined"]
+
+
+async def test_finalize_twice_is_harmless(store):
+    _, events = await ingest(store, hb(1), publish=False)
+    await store.finalize([events[0].id])
+    await store.finalize([events[0].id])
+    assert await store.redis.hgetall(store.names.outbox_pending_key) == {}
+    _, events = await ingest(store, hb(2, status="left"), publish=False)
+    assert kinds(events) == ["left"], "the pending count went back to zero, not below"
+
+
+async def test_seq_zero_is_an_unordered_sender(store):
+    _, events = await ingest(store, hb(0, "oneshot"))
+    assert kinds(events) == ["joined"]
+    stale, _ = await ingest(store, hb(0, "oneshot"))
+    assert stale == 0
+    assert (await store.record("svc", "a"))["state"] == "alive"

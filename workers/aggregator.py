@@ -18,9 +18,8 @@ import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import aio_pika
 import aiormq
@@ -37,7 +36,6 @@ from hbbus.store import OutEvent, Store, StoreConfig
 from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_heartbeat
 
 log = logging.getLogger("hbbus.aggregator")
-T = TypeVar("T")
 REDIS_ERRORS = (RedisError, OSError)
 
 
@@ -50,6 +48,7 @@ class AggregatorConfig:
     min_interval_ms: int = 50
     max_interval_ms: int = 3_600_000
     max_misses: int = 100
+    max_lua_batch: int = 1000
     reaper_limit: int = 1000
     reaper_max_sleep_ms: int = 50
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -98,13 +97,17 @@ class EventPublisher:
         """Publish, then finalise what the broker confirmed. Unconfirmed events stay in the
         outbox and are published again when their lease runs out."""
         results = await asyncio.gather(*(self._one(e) for e in events), return_exceptions=True)
+        for result in results:  # a bug, not the broker: do not hide it
+            if isinstance(result, BaseException) and not isinstance(result, AMQP_ERRORS):
+                raise result
         done = [e for e, ok in zip(events, results, strict=True) if ok is True]
-        failed = len(events) - len(done)
+        failed = [e for e, ok in zip(events, results, strict=True) if ok is not True]
         if failed:
-            metrics.PUBLISH_FAILURES.inc(failed)
+            metrics.PUBLISH_FAILURES.inc(len(failed))
             errors = {repr(r) for r in results if r is not True}
-            log.warning("%d of %d events not confirmed (%s); they will be retried after their "
-                        "lease", failed, len(events), "; ".join(sorted(errors))[:300])
+            log.warning("%d of %d events not confirmed (%s); a reaper retries them in order",
+                        len(failed), len(events), "; ".join(sorted(errors))[:300])
+            await self.store.release(e.id for e in failed)
         if done:
             await self.store.finalize(e.id for e in done)
             for event in done:
@@ -130,6 +133,9 @@ class Aggregator:
         self.store: Store | None = None
         self.publisher: EventPublisher | None = None
         self._pub_channel: aio_pika.abc.AbstractChannel | None = None
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self.redis_ok = True
 
     def __repr__(self) -> str:
         return f"Aggregator({self.name!r}, ns={self.settings.namespace!r})"
@@ -161,7 +167,8 @@ class Aggregator:
         self.publisher = EventPublisher(events, store)
         ingest = asyncio.create_task(self._ingest_loop(store), name="hbbus-ingest")
         reaper = asyncio.create_task(self._reaper_loop(store), name="hbbus-reaper")
-        tag = await queue.consume(self._on_message)
+        self._queue = queue
+        self._consumer_tag = await queue.consume(self._on_message)
         log.info("aggregator %s consuming %s", self.name, queue.name)
         self.ready.set()
         stopped = asyncio.ensure_future(stop.wait())
@@ -170,7 +177,8 @@ class Aggregator:
         finally:
             stopped.cancel()
             with contextlib.suppress(*AMQP_ERRORS):
-                await queue.cancel(tag)
+                if self._consumer_tag is not None:
+                    await queue.cancel(self._consumer_tag)
             self._stopping.set()
             self._wake.set()
             await asyncio.gather(ingest, reaper, return_exceptions=True)
@@ -185,93 +193,130 @@ class Aggregator:
 
     async def _ingest_loop(self, store: Store) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            if not self._buffer:
+                if self._stopping.is_set():
+                    return
+                await self._wake.wait()
+                self._wake.clear()
             batch, self._buffer = self._buffer, []
             if batch:
                 await self._process(store, batch)
-            elif self._stopping.is_set():
-                return
 
     async def _process(self, store: Store, batch: list[AbstractIncomingMessage]) -> None:
         valid: list[Heartbeat] = []
+        invalid: list[tuple[AbstractIncomingMessage, InvalidMessage]] = []
         for message in batch:
             try:
                 valid.append(decode_heartbeat(message.body, message.routing_key))
             except InvalidMessage as exc:
-                await self._park(store, message, exc)
-        beats = coalesce(valid)
-        if beats:
-            clamped = [(b, *self.config.clamp(b)) for b in beats]
-            stale, events = await self._with_redis(lambda: store.ingest(clamped))
-            self.counts["heartbeats"] += len(valid)
-            self.counts["stale"] += stale
-            metrics.HEARTBEATS.inc(len(valid))
-            metrics.STALE.inc(stale)
-            metrics.BATCH.observe(len(valid))
-            if events:
-                await self._publish(events)
+                invalid.append((message, exc))
+        if valid and not await self._apply(store, valid, batch[-1]):
+            return  # Redis is away: the batch went back to the queue for the other aggregators
+        parked = not invalid or await self._park(store, invalid)
         try:
-            await batch[-1].ack(multiple=True)
+            if parked:
+                await batch[-1].ack(multiple=True)
+            else:  # redelivered: the valid ones are then stale (seq), the invalid parked again
+                await batch[-1].nack(multiple=True, requeue=True)
         except AMQP_ERRORS as exc:  # the channel went away: the broker redelivers; seq dedupes
             log.warning("ack of %d heartbeats failed (%s); they will be redelivered", len(batch),
                         exc)
 
-    async def _park(self, store: Store, message: AbstractIncomingMessage,
-                    exc: InvalidMessage) -> None:
-        """Refuse one heartbeat: count it and park it, with its reason, in ``<ns>.invalid``."""
-        self.counts["invalid"] += 1
-        metrics.INVALID.labels(exc.reason).inc()
-        log.debug("parked heartbeat from %r: %s", message.routing_key, exc)
-        body = message.body
-        headers = {"x-hbbus-reason": exc.reason, "x-hbbus-detail": exc.detail[:500],
-                   "x-hbbus-routing-key": message.routing_key or "",
-                   "x-hbbus-size": len(body)}
-        if len(body) > MAX_MESSAGE_BYTES:
-            body, headers["x-hbbus-truncated"] = body[:MAX_MESSAGE_BYTES], True
-        assert self._pub_channel is not None
+    async def _apply(self, store: Store, valid: list[Heartbeat],
+                     last: AbstractIncomingMessage) -> bool:
+        """Apply valid heartbeats (in chunks of one Lua call each); False if Redis failed."""
+        beats = coalesce(valid)
+        clamped = [(b, *self.config.clamp(b)) for b in beats]
         try:
-            await self._pub_channel.default_exchange.publish(
-                aio_pika.Message(body, headers=headers), self.names.invalid_queue, timeout=10
-            )
-            await store.count({f"invalid:{exc.reason}": 1})
-        except (*AMQP_ERRORS, *REDIS_ERRORS) as err:
-            log.warning("could not park an invalid heartbeat (%s): %s", exc.reason, err)
+            for i in range(0, len(clamped), self.config.max_lua_batch):
+                stale, events = await store.ingest(clamped[i:i + self.config.max_lua_batch])
+                self.counts["stale"] += stale
+                metrics.STALE.inc(stale)
+                if events:
+                    await self._publish(events)
+        except REDIS_ERRORS as exc:
+            await self._redis_lost(store, exc, last)
+            return False
+        self.counts["heartbeats"] += len(valid)
+        metrics.HEARTBEATS.inc(len(valid))
+        metrics.BATCH.observe(len(valid))
+        return True
 
-    async def _with_redis(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Run a Redis call, retrying with capped backoff while Redis is unreachable."""
-        delay = 0.1
-        while True:
+    async def _redis_lost(self, store: Store, exc: BaseException,
+                          last: AbstractIncomingMessage) -> None:
+        """Stop consuming, give every unacked heartbeat back to the queue (other aggregators
+        take them), wait for Redis, then consume again."""
+        log.warning("Redis failed (%s): pausing ingest, heartbeats go back to the queue", exc)
+        self.redis_ok = False
+        with contextlib.suppress(*AMQP_ERRORS):
+            if self._queue is not None and self._consumer_tag is not None:
+                await self._queue.cancel(self._consumer_tag)
+        held, self._buffer = self._buffer, []
+        with contextlib.suppress(*AMQP_ERRORS):
+            # multiple=True covers every unacked delivery up to the latest on this channel
+            await (held[-1] if held else last).nack(multiple=True, requeue=True)
+        while not self._stopping.is_set():
             try:
-                return await call()
-            except REDIS_ERRORS as exc:
-                if self._stopping.is_set():
-                    raise
-                log.warning("Redis call failed (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await store.redis.ping()
+                break
+            except REDIS_ERRORS:
+                await sleep_or_stop(self._stopping, 0.5)
+        if self._stopping.is_set():
+            return
+        self.redis_ok = True
+        log.warning("Redis is back: ingest resumes")
+        if self._queue is not None:
+            self._consumer_tag = await self._queue.consume(self._on_message)
+
+    async def _park(self, store: Store,
+                    invalid: list[tuple[AbstractIncomingMessage, InvalidMessage]]) -> bool:
+        """Refuse heartbeats: park each, with its reason, in ``<ns>.invalid``, and count them.
+        False if parking failed (the caller then does not ack them)."""
+        assert self._pub_channel is not None
+        reasons: Counter[str] = Counter()
+        publishes = []
+        for message, exc in invalid:
+            reasons[exc.reason] += 1
+            log.debug("parked heartbeat from %r: %s", message.routing_key, exc)
+            body = message.body
+            headers = {"x-hbbus-reason": exc.reason, "x-hbbus-detail": exc.detail[:500],
+                       "x-hbbus-routing-key": message.routing_key or "",
+                       "x-hbbus-size": len(body)}
+            if len(body) > MAX_MESSAGE_BYTES:
+                body, headers["x-hbbus-truncated"] = body[:MAX_MESSAGE_BYTES], True
+            publishes.append(self._pub_channel.default_exchange.publish(
+                aio_pika.Message(body, headers=headers), self.names.invalid_queue, timeout=10))
+        try:
+            await asyncio.gather(*publishes)
+            await store.count({f"invalid:{r}": n for r, n in reasons.items()})
+        except (*AMQP_ERRORS, *REDIS_ERRORS) as err:
+            log.warning("could not park %d invalid heartbeats: %s", len(invalid), err)
+            return False
+        for reason, n in reasons.items():
+            metrics.INVALID.labels(reason).inc(n)
+        self.counts["invalid"] += len(invalid)
+        return True
 
     async def _publish(self, events: Sequence[OutEvent]) -> None:
         assert self.publisher is not None
-        try:
-            self.counts["events"] += await self.publisher.publish(events)
-        except (*AMQP_ERRORS, *REDIS_ERRORS) as exc:
-            log.warning("publishing %d events failed (%s); the reaper retries after the lease",
-                        len(events), exc)
+        self.counts["events"] += await self.publisher.publish(events)
 
     # -- reaper ------------------------------------------------------------------------------
     async def _reaper_loop(self, store: Store) -> None:
         stop = self._stopping
         max_sleep_s = self.config.reaper_max_sleep_ms / 1000
         while not stop.is_set():
+            if not self.redis_ok:  # ingest lost Redis: judge nobody on state we cannot update
+                await sleep_or_stop(stop, 0.1)
+                continue
             try:
                 result = await store.claim(self.config.reaper_limit)
+                if result.events:
+                    await self._publish(result.events)
             except REDIS_ERRORS as exc:
                 log.warning("reaper: Redis call failed (%s)", exc)
-                await sleep_or_stop(stop, 1.0)
+                await sleep_or_stop(stop, 0.5)
                 continue
-            if result.events:
-                await self._publish(result.events)
             if len(result.events) >= self.config.reaper_limit:
                 continue
             sleep_s = max_sleep_s

@@ -1,21 +1,28 @@
 -- The reaper's step. ARGV[6] = limit.
--- 1. Outbox events whose lease ran out (their publisher died) are claimed again.
+-- 1. The outbox, oldest first: an event without a live lease (its publisher died or gave up)
+--    is handed out again, unless an older event of the same instance is still pending.
 -- 2. Due deadlines: an alive instance past last_seen + ttl becomes dead; a dead or left record
 --    past its retention is purged. A deadline that moved (a heartbeat came) is re-filed.
--- Returns {now_ms, next_due_ms or -1, evid, routing_key, body, ...}.
+-- Returns {now_ms, next_deadline_ms or -1, evid, routing_key, body, ...}.
 local limit = tonumber(ARGV[6])
 
-local leased = redis.call('ZRANGE', K_OUTBOX, '-inf', NOW, 'BYSCORE', 'LIMIT', 0, limit)
-for _, evid in ipairs(leased) do
+local waiting = {}
+for _, evid in ipairs(redis.call('ZRANGE', K_OUTBOX, 0, limit - 1)) do
   local stored = redis.call('HGET', K_BODY, evid)
-  if stored then
-    local sp = string.find(stored, ' ', 1, true)
-    redis.call('ZADD', K_OUTBOX, NOW + LEASE, evid)
-    out[#out + 1] = evid
-    out[#out + 1] = string.sub(stored, 1, sp - 1)
-    out[#out + 1] = string.sub(stored, sp + 1)
-  else
+  if not stored then
     redis.call('ZREM', K_OUTBOX, evid)
+    redis.call('HDEL', K_LEASE, evid)
+  else
+    local sp1 = string.find(stored, ' ', 1, true)
+    local sp2 = string.find(stored, ' ', sp1 + 1, true)
+    local id = string.sub(stored, 1, sp1 - 1)
+    if not waiting[id] then
+      waiting[id] = true
+      local lease = tonumber(redis.call('HGET', K_LEASE, evid))
+      if not lease or lease <= NOW then
+        claim_event(evid, string.sub(stored, sp1 + 1, sp2 - 1), string.sub(stored, sp2 + 1))
+      end
+    end
   end
 end
 
@@ -61,6 +68,6 @@ end
 local nxt = -1
 local d = redis.call('ZRANGE', K_DEADLINES, 0, 0, 'WITHSCORES')
 if d[2] then nxt = tonumber(d[2]) end
-local o = redis.call('ZRANGE', K_OUTBOX, 0, 0, 'WITHSCORES')
-if o[2] and (nxt < 0 or tonumber(o[2]) < nxt) then nxt = tonumber(o[2]) end
-return {NOW, nxt, unpack(out)}
+table.insert(out, 1, nxt)
+table.insert(out, 1, NOW)
+return out

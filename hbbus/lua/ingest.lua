@@ -2,7 +2,8 @@
 -- service, instance, incarnation, seq, interval_ms, ttl_ms, sent_ms, status, meta (JSON).
 -- A seq not above the stored one of the same incarnation is stale and ignored; a heartbeat of
 -- the incarnation before the current one is stale too (reordering between aggregators).
--- Returns {stale_count, evid, routing_key, body, ...} for the transitions it made.
+-- seq 0 means "unordered" (one-shot senders such as `hbbus send` from cron): always applied.
+-- Returns {stale_count, evid, routing_key, body, ...} for the events to publish now.
 local n = tonumber(ARGV[6])
 local stale = 0
 
@@ -17,7 +18,7 @@ local function verdict(state, cinc, cseq, pinc, inc, seq, st)
     if state == 'dead' then return true, 'recovered', true end
     return true, 'joined', true
   end
-  if tonumber(seq) <= tonumber(cseq) then return false, false, false end
+  if tonumber(seq) <= tonumber(cseq) and seq ~= '0' then return false, false, false end
   if state == 'dead' then return true, 'recovered', false end
   if state == 'left' then return true, 'joined', false end
   return true, false, false
@@ -70,4 +71,5 @@ for i = 0, n - 1 do
     end
   end
 end
-return {stale, unpack(out)}
+table.insert(out, 1, stale)
+return out
