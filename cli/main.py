@@ -137,8 +137,8 @@ def parse_meta(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--meta", "meta_pairs", multiple=True, metavar="KEY=VALUE", help="repeatable")
 @click.option("--status", type=click.Choice(["ok", "degraded", "draining"]), default="ok",
               show_default=True)
-@click.option("--incarnation", help="one-shot sends only: the process identity [default: "
-              "'oneshot'; seq is the current time in ms so repeated sends stay in order]")
+@click.option("--incarnation", help="one-shot sends only: the sender's identity [default: "
+              "'oneshot'; one-shot heartbeats carry seq 0, which is never stale]")
 @click.pass_context
 def send(ctx: click.Context, service: str, instance: str, every: float | None,
          interval: float | None, misses: int, meta_pairs: tuple[str, ...], status: str,
@@ -151,9 +151,11 @@ def send(ctx: click.Context, service: str, instance: str, every: float | None,
     if every is not None and interval is not None:
         raise ConfigError("--interval is for one-shot sends; with --every the interval is EVERY")
     if every is None:
-        now_ms = int(time.time() * 1000)
+        # seq 0: an unordered sender; repeated sends are one living instance, whatever the
+        # sender's clock does (it never decides life or death)
         beat = Heartbeat(service, instance, check_name(incarnation or "oneshot", "incarnation"),
-                         now_ms, round((interval or 60.0) * 1000), misses, now_ms, status, meta)
+                         0, round((interval or 60.0) * 1000), misses, int(time.time() * 1000),
+                         status, meta)
         if len(beat.encode()) > MAX_MESSAGE_BYTES:
             raise ConfigError(f"heartbeat would exceed {MAX_MESSAGE_BYTES} bytes; trim --meta")
         run_async(ops.send_once(settings, beat))

@@ -88,7 +88,8 @@ class Heartbeater:
         self.dropped = 0
         self.connects = 0
         self._meta: MetaSource = _check_meta(meta) if isinstance(meta, dict) else meta
-        self._last_meta: Meta = meta if isinstance(meta, dict) else {}
+        self._last_meta: Meta = dict(meta) if isinstance(meta, dict) else {}
+        self._meta_failing = False
         self.set_status(status)
         self._stop = asyncio.Event()
         self._leave = True
@@ -120,6 +121,9 @@ class Heartbeater:
         connection; if the broker is not there yet it keeps trying and never raises."""
         if self._task is not None:
             raise RuntimeError("Heartbeater already started")
+        self._stop.clear()
+        self._connected.clear()
+        self._leave = True
         self._task = asyncio.create_task(self._run(), name=f"hbbus-heartbeater-{self.instance}")
         if not await self.wait_connected(self.connect_timeout_s):
             log.warning("%r: RabbitMQ not reachable yet; retrying in the background", self)
@@ -133,6 +137,7 @@ class Heartbeater:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        self._connected.clear()
 
     async def abort(self) -> None:
         """Stop at once without ``left`` — as if the process had died (demo and tests)."""
@@ -143,6 +148,7 @@ class Heartbeater:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+            self._connected.clear()
 
     async def __aenter__(self) -> Heartbeater:
         await self.start()
@@ -155,13 +161,20 @@ class Heartbeater:
     async def _run(self) -> None:
         backoff = 0.1
         while not self._stop.is_set():
+            connects = self.connects
             try:
                 await self._session()
                 return
             except (*AMQP_ERRORS, Unavailable) as exc:
-                self._connected.clear()
-                log.warning("%r: connection lost or refused (%s); retrying in %.1fs",
-                            self, exc or type(exc).__name__, backoff)
+                reason = str(exc) or type(exc).__name__
+            except Exception as exc:  # a bug must not silently end heartbeats for good
+                log.exception("%r: unexpected error in the heartbeat task", self)
+                reason = repr(exc)
+            self._connected.clear()
+            if self.connects > connects:  # it had connected: this is a new outage
+                backoff = 0.1
+            log.warning("%r: connection lost or refused (%s); retrying in %.1fs", self, reason,
+                        backoff)
             await sleep_or_stop(self._stop, backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
 
@@ -191,17 +204,22 @@ class Heartbeater:
             await sleep_or_stop(self._stop, next_at - now)
 
     async def _resolve_meta(self) -> Meta:
+        """This beat's meta: the dict (copied and checked) or the callable's answer; whatever
+        fails — the callable raising, a value that is not a JSON object — keeps the last good
+        meta, logged once per failure streak. The host's meta can never stop heartbeats."""
         source = self._meta
-        if not callable(source):
-            return self._last_meta if source is None else source
         try:
-            value = source()
+            value = source() if callable(source) else source
             if inspect.isawaitable(value):
                 async with asyncio.timeout(self.interval_s / 2):
                     value = await value
-            self._last_meta = _check_meta(value)
-        except Exception as exc:  # the host's callable must never stop heartbeats
-            log.warning("%r: meta callable failed (%s); sending the last good meta", self, exc)
+            if value is not None:
+                self._last_meta = _check_meta(dict(value) if isinstance(value, dict) else value)
+            self._meta_failing = False
+        except Exception as exc:
+            if not self._meta_failing:
+                log.warning("%r: meta is unusable (%s); sending the last good meta", self, exc)
+            self._meta_failing = True
         return self._last_meta
 
     async def _publish(self, exchange: aio_pika.abc.AbstractExchange, status: str,

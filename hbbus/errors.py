@@ -28,6 +28,10 @@ class Unavailable(HbbusError):
     """Raised when RabbitMQ or Redis cannot be reached or answers with an error."""
 
 
+class DeliveryFailed(Unavailable):
+    """Raised when the broker did not accept or could not route a message hbbus must not lose."""
+
+
 class NotFound(HbbusError):
     """Raised when an operator names an instance, group or queue that does not exist."""
 

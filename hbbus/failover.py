@@ -27,12 +27,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from redis.exceptions import RedisError
 
 from hbbus import metrics
 from hbbus.amqp import AMQP_ERRORS, connect, declare_failover
-from hbbus.errors import ConfigError, InvalidMessage, NotFound, PermanentFailure
+from hbbus.errors import ConfigError, DeliveryFailed, InvalidMessage, NotFound, PermanentFailure
 from hbbus.names import Names
 from hbbus.runtime import stop_reason
 from hbbus.settings import Settings, check_name
@@ -80,7 +81,8 @@ class RetryPolicy:
 
     @property
     def delays_ms(self) -> list[int]:
-        return [self.delay_ms(n) for n in range(1, self.max_retries + 1)]
+        """Every delay a retry queue is needed for (the first one also serves "busy")."""
+        return sorted({self.delay_ms(n) for n in range(1, max(self.max_retries, 1) + 1)})
 
 
 class FailoverConsumer:
@@ -109,6 +111,7 @@ class FailoverConsumer:
         self.ready = asyncio.Event()
         self._channel: AbstractChannel | None = None
         self._redis = None
+        self._in_flight: set[asyncio.Task[object]] = set()
 
     def on(self, *kinds: str) -> Callable[[Handler], Handler]:
         """Register the decorated coroutine for event ``kinds`` (``"*"``: every kind)."""
@@ -148,6 +151,7 @@ class FailoverConsumer:
                 await stop.wait()
                 with contextlib.suppress(*AMQP_ERRORS):
                     await queue.cancel(tag)
+                await self._drain_in_flight()
         finally:
             await redis.aclose()
         log.info("failover group %s stopped on %s ◆ %d handled ◆ %d retried ◆ %d dead-lettered "
@@ -155,18 +159,37 @@ class FailoverConsumer:
                  self.counts["retried"], self.counts["dead-lettered"], self.counts["duplicate"])
         return self.counts
 
+    async def _drain_in_flight(self) -> None:
+        """Let the handlers in hand finish (they are bounded by the handler timeout)."""
+        if self._in_flight:
+            log.info("failover group %s: waiting for %d handler(s) in hand", self.group,
+                     len(self._in_flight))
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
     # -- one message ---------------------------------------------------------------------------
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            await self._settle(message)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _settle(self, message: AbstractIncomingMessage) -> None:
         try:
             outcome = await self._handle(message)
-        except (RedisError, OSError) as exc:
-            log.warning("failover %s: Redis unavailable (%s); requeueing", self.group, exc)
+        except (RedisError, DeliveryFailed, *AMQP_ERRORS) as exc:
+            # Redis away, or a retry/DLQ copy not confirmed: keep the event, try again later
+            log.warning("failover %s: %s; requeueing the event", self.group, exc)
             await asyncio.sleep(1.0)
-            await message.nack(requeue=True)
+            with contextlib.suppress(*AMQP_ERRORS):
+                await message.nack(requeue=True)
             return
         self.counts[outcome] += 1
         metrics.HANDLED.labels(self.group, outcome).inc()
-        await message.ack()
+        with contextlib.suppress(*AMQP_ERRORS):  # lost ack: redelivered, then deduplicated
+            await message.ack()
 
     async def _handle(self, message: AbstractIncomingMessage) -> str:
         try:
@@ -197,6 +220,10 @@ class FailoverConsumer:
         try:
             async with asyncio.timeout(self.handler_timeout_s):
                 await handler(event)
+        except asyncio.CancelledError:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.delete(keys[2])  # another member may take it at once
+            raise
         except Exception as exc:
             await self._redis.delete(keys[2])
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -231,12 +258,14 @@ class FailoverConsumer:
         if error is not None:
             headers["x-hbbus-error"] = error[:1000]
         assert self._channel is not None
-        await self._channel.default_exchange.publish(
+        result = await self._channel.default_exchange.publish(
             aio_pika.Message(message.body, headers=headers, message_id=message.message_id,
                              type=message.type, content_type=message.content_type,
                              delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            queue, timeout=10,
+            queue, mandatory=True, timeout=10,
         )
+        if not isinstance(result, aiormq.spec.Basic.Ack):  # returned: no such queue
+            raise DeliveryFailed(f"could not route the event to {queue}")
 
     async def _dead_letter(self, message: AbstractIncomingMessage, error: str,
                            attempt: int) -> None:

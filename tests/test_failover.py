@@ -223,3 +223,53 @@ def test_unknown_kind_is_refused(settings):
     consumer = FailoverConsumer(settings, "g", ["#"])
     with pytest.raises(Exception, match="unknown event kind"):
         consumer.on("deceased")
+
+
+async def test_busy_event_is_retried_even_without_retries(settings):
+    """Another member holds the event (its in-flight lease): this one looks again later —
+    also with max_retries=0 — and runs it once the lease is gone."""
+    from hbbus.store import connect_redis
+
+    calls = []
+
+    async def handler(e):
+        calls.append(e.id)
+
+    consumer = FailoverConsumer(settings, "busy", ["dead.#"],
+                                retry=RetryPolicy(max_retries=0, base_s=0.1))
+    consumer.on("dead")(handler)
+    redis = connect_redis(settings)
+    try:
+        names = Names(settings.namespace)
+        await redis.set(names.failover_key("busy", "inflight:dead-db-1-1"), "1", px=400)
+        async with running(consumer):
+            await publish(settings, event())
+            await wait_until(lambda: calls, 10, "handled after the other member's lease")
+        assert calls == ["dead-db-1-1"] and consumer.counts["busy"] >= 1
+    finally:
+        await redis.aclose()
+
+
+async def test_stop_waits_for_the_handler_in_hand(settings):
+    started, finished = asyncio.Event(), []
+
+    async def slow(e):
+        started.set()
+        await asyncio.sleep(0.5)
+        finished.append(e.id)
+
+    consumer = consumer_with(settings, slow)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    await asyncio.wait_for(consumer.ready.wait(), 10)
+    await publish(settings, event())
+    await asyncio.wait_for(started.wait(), 10)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert finished == ["dead-db-1-1"], "the handler ran to its end"
+    connection = await connect(settings, "test", robust=False)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(Names(settings.namespace).failover_queue("g"),
+                                            passive=True)
+        assert queue.declaration_result.message_count == 0, "acked: nothing is redelivered"

@@ -1,0 +1,81 @@
+"""The client against the shared broker: meta that goes bad, restarts of one Heartbeater."""
+
+from __future__ import annotations
+
+import decimal
+
+import aio_pika
+
+from hbbus.amqp import connect, declare_heartbeats
+from hbbus.client import Heartbeater
+from hbbus.names import Names
+from hbbus.wire import decode_heartbeat
+from tests.helpers import wait_until
+
+
+async def _reader(settings):
+    connection = await connect(settings, "test-reader", robust=False)
+    channel = await connection.channel()
+    exchange = await declare_heartbeats(channel, Names(settings.namespace))
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(exchange, "hb.#")
+    return connection, queue
+
+
+async def _read(queue: aio_pika.abc.AbstractQueue, into: list) -> list:
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        into.append(decode_heartbeat(message.body))
+    return into
+
+
+async def test_a_dict_meta_that_goes_bad_keeps_the_last_good_one(settings):
+    connection, queue = await _reader(settings)
+    meta = {"load": 1}
+    beats: list = []
+    async with connection:
+        hb = Heartbeater("m", "m-1", interval_s=0.05, meta=meta, settings=settings)
+        await hb.start()
+        await wait_until(lambda: _read(queue, beats), 5, "first heartbeats")
+        meta["cost"] = decimal.Decimal("1.5")  # not JSON: must not stop heartbeats
+        seen = len(beats)
+        await wait_until(lambda: _count_after(queue, beats, seen, 5), 5, "more heartbeats")
+        assert beats[-1].meta == {"load": 1}
+        del meta["cost"]
+        meta["load"] = 2
+        await wait_until(lambda: _has_meta(queue, beats, {"load": 2}), 5, "the fixed meta")
+        await hb.stop()
+        await wait_until(lambda: _has_status(queue, beats, "left"), 5, "left")
+
+
+async def _count_after(queue, beats, seen, n):
+    await _read(queue, beats)
+    return len(beats) >= seen + n
+
+
+async def _has_meta(queue, beats, meta):
+    await _read(queue, beats)
+    return beats and beats[-1].meta == meta
+
+
+async def _has_status(queue, beats, status):
+    await _read(queue, beats)
+    return beats and beats[-1].status == status
+
+
+async def test_a_heartbeater_can_be_stopped_and_started_again(settings):
+    connection, queue = await _reader(settings)
+    beats: list = []
+    async with connection:
+        hb = Heartbeater("r", "r-1", interval_s=0.05, settings=settings)
+        await hb.start()
+        await hb.stop()
+        assert not hb.connected
+        await _read(queue, beats)
+        stopped_at = len(beats)
+        assert beats[-1].status == "left"
+        await hb.start()
+        assert hb.connected
+        await wait_until(lambda: _count_after(queue, beats, stopped_at, 3), 5,
+                         "heartbeats after the second start")
+        assert beats[-1].status == "ok" and beats[-1].seq > beats[stopped_at - 1].seq
+        await hb.stop()
