@@ -28,6 +28,8 @@ test: install servers
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy hbbus workers cli
 
 bench: install servers
 	$(BIN)/python bench/run.py

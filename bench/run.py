@@ -22,13 +22,14 @@ import aio_pika
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hbbus.amqp import connect, declare_ingest  # noqa: E402
-from hbbus.names import Names  # noqa: E402
-from hbbus.settings import Settings  # noqa: E402
-from hbbus.store import Store  # noqa: E402
-from hbbus.wire import Heartbeat  # noqa: E402
-from hbbus.workers.aggregator import Aggregator  # noqa: E402
-from tests.helpers import drop_namespace  # noqa: E402
+from hbbus.workers.aggregator import Aggregator
+
+from hbbus.amqp import connect, declare_ingest
+from hbbus.names import Names
+from hbbus.settings import Settings
+from hbbus.store import Store
+from hbbus.wire import Heartbeat
+from tests.helpers import drop_namespace
 
 
 def machine() -> str:
@@ -60,10 +61,20 @@ async def publish_backlog(settings: Settings, n: int, instances: int, null_queue
         now_ms = int(time.time() * 1000)
         for i in range(n):
             k = i % instances
-            beat = Heartbeat("bench", f"i{k}", "inc", i // instances + 1, 1000, 3, now_ms, "ok",
-                             {"endpoint": f"10.0.{k // 256}.{k % 256}:8080", "role": "replica"})
-            await exchange.publish(aio_pika.Message(beat.encode()), beat.routing_key,
-                                   mandatory=False)
+            beat = Heartbeat(
+                "bench",
+                f"i{k}",
+                "inc",
+                i // instances + 1,
+                1000,
+                3,
+                now_ms,
+                "ok",
+                {"endpoint": f"10.0.{k // 256}.{k % 256}:8080", "role": "replica"},
+            )
+            await exchange.publish(
+                aio_pika.Message(beat.encode()), beat.routing_key, mandatory=False
+            )
         while await queue_depth(channel, names.aggregator_queue) < n:
             await asyncio.sleep(0.05)
 
@@ -119,10 +130,11 @@ async def main(n: int, instances: int) -> None:
     info = await store.redis.info("server")
     await store.close()
     null_queue = f"{settings.namespace}.null"
-    print(f"machine: {machine()}; Redis {info['redis_version']}; "
-          f"aio-pika {aio_pika.__version__}")
-    print(f"parameters: {n} heartbeats from a backlog, {instances} instances, default "
-          f"aggregator config (prefetch 2000)")
+    print(f"machine: {machine()}; Redis {info['redis_version']}; aio-pika {aio_pika.__version__}")
+    print(
+        f"parameters: {n} heartbeats from a backlog, {instances} instances, default "
+        f"aggregator config (prefetch 2000)"
+    )
     try:
         await publish_backlog(settings, n, instances, null_queue)
         null_s = await drain_null(settings, null_queue, n)

@@ -68,23 +68,43 @@ def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
     return run(coro)
 
 
-@click.group(cls=HbbusGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--amqp-url", envvar="HBBUS_AMQP_URL", show_envvar=True,
-              help="RabbitMQ URL [default: amqp://guest:guest@127.0.0.1:5672/]")
-@click.option("--redis-url", envvar="HBBUS_REDIS_URL", show_envvar=True,
-              help="Redis URL [default: redis://127.0.0.1:6379/0]")
-@click.option("--namespace", envvar="HBBUS_NAMESPACE", show_envvar=True,
-              help=f"prefix of every exchange, queue and key [default: {DEFAULT_NAMESPACE}]")
+@click.group(
+    cls=HbbusGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]}
+)
+@click.option(
+    "--amqp-url",
+    envvar="HBBUS_AMQP_URL",
+    show_envvar=True,
+    help="RabbitMQ URL [default: amqp://guest:guest@127.0.0.1:5672/]",
+)
+@click.option(
+    "--redis-url",
+    envvar="HBBUS_REDIS_URL",
+    show_envvar=True,
+    help="Redis URL [default: redis://127.0.0.1:6379/0]",
+)
+@click.option(
+    "--namespace",
+    envvar="HBBUS_NAMESPACE",
+    show_envvar=True,
+    help=f"prefix of every exchange, queue and key [default: {DEFAULT_NAMESPACE}]",
+)
 @click.option("-v", "--verbose", count=True, help="-v: info logs, -vv: debug logs")
 @click.version_option(hbbus.__version__, prog_name="hbbus")
 @click.pass_context
-def cli(ctx: click.Context, amqp_url: str | None, redis_url: str | None, namespace: str | None,
-        verbose: int) -> None:
+def cli(
+    ctx: click.Context,
+    amqp_url: str | None,
+    redis_url: str | None,
+    namespace: str | None,
+    verbose: int,
+) -> None:
     """hbbus — a heartbeat bus: heartbeats over RabbitMQ, liveness in Redis, failover events."""
     setup_logging(verbose)
     try:
-        settings = Settings.from_env({}, amqp_url=amqp_url, redis_url=redis_url,
-                                     namespace=namespace)
+        settings = Settings.from_env(
+            {}, amqp_url=amqp_url, redis_url=redis_url, namespace=namespace
+        )
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
     ctx.obj = {"settings": settings, "verbose": verbose}
@@ -100,8 +120,14 @@ def verbose_option(func: Any) -> Any:
             setup_logging(root["verbose"])
         return value
 
-    return click.option("-v", "--verbose", count=True, expose_value=False, callback=bump,
-                        help="-v: info logs, -vv: debug logs")(func)
+    return click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        expose_value=False,
+        callback=bump,
+        help="-v: info logs, -vv: debug logs",
+    )(func)
 
 
 def worker_logging(ctx: click.Context) -> None:
@@ -128,21 +154,44 @@ def parse_meta(pairs: tuple[str, ...]) -> dict[str, Any]:
 @cli.command()
 @click.argument("service")
 @click.argument("instance")
-@click.option("--every", type=click.FloatRange(min=0.01), help="keep sending every SECONDS "
-              "until SIGINT/SIGTERM, then publish `left`")
-@click.option("--interval", type=click.FloatRange(min=0.01),
-              help="one-shot sends: the declared interval in seconds [default: 60]")
-@click.option("--misses", type=click.IntRange(min=1), default=3, show_default=True,
-              help="missed intervals before the instance is dead")
+@click.option(
+    "--every",
+    type=click.FloatRange(min=0.01),
+    help="keep sending every SECONDS until SIGINT/SIGTERM, then publish `left`",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.01),
+    help="one-shot sends: the declared interval in seconds [default: 60]",
+)
+@click.option(
+    "--misses",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="missed intervals before the instance is dead",
+)
 @click.option("--meta", "meta_pairs", multiple=True, metavar="KEY=VALUE", help="repeatable")
-@click.option("--status", type=click.Choice(["ok", "degraded", "draining"]), default="ok",
-              show_default=True)
-@click.option("--incarnation", help="one-shot sends only: the sender's identity [default: "
-              "'oneshot'; one-shot heartbeats carry seq 0, which is never stale]")
+@click.option(
+    "--status", type=click.Choice(["ok", "degraded", "draining"]), default="ok", show_default=True
+)
+@click.option(
+    "--incarnation",
+    help="one-shot sends only: the sender's identity [default: "
+    "'oneshot'; one-shot heartbeats carry seq 0, which is never stale]",
+)
 @click.pass_context
-def send(ctx: click.Context, service: str, instance: str, every: float | None,
-         interval: float | None, misses: int, meta_pairs: tuple[str, ...], status: str,
-         incarnation: str | None) -> None:
+def send(
+    ctx: click.Context,
+    service: str,
+    instance: str,
+    every: float | None,
+    interval: float | None,
+    misses: int,
+    meta_pairs: tuple[str, ...],
+    status: str,
+    incarnation: str | None,
+) -> None:
     """Send heartbeats for SERVICE INSTANCE: one (for cron and scripts), or --every SECONDS."""
     settings = settings_of(ctx)
     check_name(service, "service")
@@ -153,9 +202,17 @@ def send(ctx: click.Context, service: str, instance: str, every: float | None,
     if every is None:
         # seq 0: an unordered sender; repeated sends are one living instance, whatever the
         # sender's clock does (it never decides life or death)
-        beat = Heartbeat(service, instance, check_name(incarnation or "oneshot", "incarnation"),
-                         0, round((interval or 60.0) * 1000), misses, int(time.time() * 1000),
-                         status, meta)
+        beat = Heartbeat(
+            service,
+            instance,
+            check_name(incarnation or "oneshot", "incarnation"),
+            0,
+            round((interval or 60.0) * 1000),
+            misses,
+            int(time.time() * 1000),
+            status,
+            meta,
+        )
         if len(beat.encode()) > MAX_MESSAGE_BYTES:
             raise ConfigError(f"heartbeat would exceed {MAX_MESSAGE_BYTES} bytes; trim --meta")
         run_async(ops.send_once(settings, beat))
@@ -165,8 +222,15 @@ def send(ctx: click.Context, service: str, instance: str, every: float | None,
     async def keep_sending() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        hb = Heartbeater(service, instance, interval_s=every, misses=misses, meta=meta,
-                         settings=settings, status=status)
+        hb = Heartbeater(
+            service,
+            instance,
+            interval_s=every,
+            misses=misses,
+            meta=meta,
+            settings=settings,
+            status=status,
+        )
         async with hb:
             await stop.wait()
         click.echo(f"sent {hb.sent} heartbeats, then left", err=True)
@@ -174,29 +238,50 @@ def send(ctx: click.Context, service: str, instance: str, every: float | None,
     run_async(keep_sending())
 
 
-# -- workers ----------------------------------------------------------------------------------------
+# -- workers -----------------------------------------------------------------------------
 @cli.command()
 @click.option("--prefetch", type=click.IntRange(min=1), default=2000, show_default=True)
-@click.option("--lease-ms", type=click.IntRange(min=100), default=5000, show_default=True,
-              help="how long a claimed event may stay unpublished before another aggregator "
-              "publishes it")
-@click.option("--retention-s", type=click.IntRange(min=1), default=86400, show_default=True,
-              help="how long dead and left records are kept")
-@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=0,
-              help="serve Prometheus metrics on this port (0: off)")
+@click.option(
+    "--lease-ms",
+    type=click.IntRange(min=100),
+    default=5000,
+    show_default=True,
+    help="how long a claimed event may stay unpublished before another aggregator publishes it",
+)
+@click.option(
+    "--retention-s",
+    type=click.IntRange(min=1),
+    default=86400,
+    show_default=True,
+    help="how long dead and left records are kept",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=0,
+    help="serve Prometheus metrics on this port (0: off)",
+)
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True)
 @verbose_option
 @click.pass_context
-def aggregator(ctx: click.Context, prefetch: int, lease_ms: int, retention_s: int,
-               metrics_port: int, metrics_addr: str) -> None:
+def aggregator(
+    ctx: click.Context,
+    prefetch: int,
+    lease_ms: int,
+    retention_s: int,
+    metrics_port: int,
+    metrics_addr: str,
+) -> None:
     """Run an aggregator: ingest heartbeats into Redis and publish transitions (until SIGTERM)."""
-    from hbbus import metrics
-    from hbbus.store import StoreConfig
     from hbbus.workers.aggregator import Aggregator, AggregatorConfig
 
+    from hbbus import metrics
+    from hbbus.store import StoreConfig
+
     worker_logging(ctx)
-    config = AggregatorConfig(prefetch=prefetch, store=StoreConfig(
-        lease_ms=lease_ms, retention_ms=retention_s * 1000))
+    config = AggregatorConfig(
+        prefetch=prefetch, store=StoreConfig(lease_ms=lease_ms, retention_ms=retention_s * 1000)
+    )
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -214,28 +299,58 @@ def failover() -> None:
 
 @failover.command("run")
 @click.option("--group", required=True, help="consumer group (one durable queue per group)")
-@click.option("--bind", "bindings", multiple=True, required=True, metavar="PATTERN",
-              help="event routing-key pattern, e.g. 'dead.db.*' (repeatable)")
-@click.option("--exec", "command", required=True, help="shell command run once per event, "
-              "event JSON on stdin; non-zero exit = failure = retry")
+@click.option(
+    "--bind",
+    "bindings",
+    multiple=True,
+    required=True,
+    metavar="PATTERN",
+    help="event routing-key pattern, e.g. 'dead.db.*' (repeatable)",
+)
+@click.option(
+    "--exec",
+    "command",
+    required=True,
+    help="shell command run once per event, event JSON on stdin; non-zero exit = failure = retry",
+)
 @click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option("--backoff", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
-              help="first retry delay in seconds, doubled per retry")
+@click.option(
+    "--backoff",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="first retry delay in seconds, doubled per retry",
+)
 @click.option("--max-backoff", type=click.FloatRange(min=0.01), default=60.0, show_default=True)
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
-              help="seconds before the command is killed (a failure)")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="seconds before the command is killed (a failure)",
+)
 @verbose_option
 @click.pass_context
-def failover_run(ctx: click.Context, group: str, bindings: tuple[str, ...], command: str,
-                 max_retries: int, backoff: float, max_backoff: float, timeout: float) -> None:
+def failover_run(
+    ctx: click.Context,
+    group: str,
+    bindings: tuple[str, ...],
+    command: str,
+    max_retries: int,
+    backoff: float,
+    max_backoff: float,
+    timeout: float,
+) -> None:
     """Run COMMAND once per event matching the bindings (until SIGTERM)."""
-    from hbbus.failover import RetryPolicy
     from hbbus.workers.failover_runner import exec_consumer
+
+    from hbbus.failover import RetryPolicy
 
     worker_logging(ctx)
     retry = RetryPolicy(max_retries=max_retries, base_s=backoff, max_s=max(backoff, max_backoff))
-    consumer = exec_consumer(settings_of(ctx), group, bindings, command, retry=retry,
-                             timeout_s=timeout)
+    consumer = exec_consumer(
+        settings_of(ctx), group, bindings, command, retry=retry, timeout_s=timeout
+    )
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -286,12 +401,20 @@ def status_table(rows: list[dict[str, Any]], title: str | None = None) -> Any:
     colours = {"alive": "green", "dead": "bold red", "left": "dim"}
     table = Table(title=title, title_justify="left", header_style="bold")
     for col in ("service", "instance", "state", "age", "seq", "incarnation", "meta"):
-        table.add_column(col, justify="right" if col in ("age", "seq") else "left",
-                         no_wrap=col != "meta")
+        table.add_column(
+            col, justify="right" if col in ("age", "seq") else "left", no_wrap=col != "meta"
+        )
     for r in rows:
         state = r["state"] if r["status"] in ("ok", "left", "") else f"{r['state']} ({r['status']})"
-        table.add_row(r["service"], r["instance"], f"[{colours.get(r['state'], '')}]{state}",
-                      fmt_age(r["age_ms"]), str(r["seq"]), r["incarnation"], fmt_meta(r["meta"]))
+        table.add_row(
+            r["service"],
+            r["instance"],
+            f"[{colours.get(r['state'], '')}]{state}",
+            fmt_age(r["age_ms"]),
+            str(r["seq"]),
+            r["incarnation"],
+            fmt_meta(r["meta"]),
+        )
     return table
 
 
@@ -330,8 +453,17 @@ def show(ctx: click.Context, target: str, as_json: bool) -> None:
     if as_json:
         click.echo(orjson.dumps(row).decode())
         return
-    for key in ("service", "instance", "state", "status", "incarnation", "seq", "interval_ms",
-                "ttl_ms", "alive_key_ttl_ms"):
+    for key in (
+        "service",
+        "instance",
+        "state",
+        "status",
+        "incarnation",
+        "seq",
+        "interval_ms",
+        "ttl_ms",
+        "alive_key_ttl_ms",
+    ):
         click.echo(f"{key:>17}: {row[key]}")
     click.echo(f"{'last heartbeat':>17}: {fmt_age(row['age_ms'])} ago")
     click.echo(f"{'meta':>17}: {orjson.dumps(row['meta']).decode()}")
@@ -345,16 +477,23 @@ def fmt_event(event: dict[str, Any]) -> str:
     extra = ""
     if event["kind"] == "dead":
         extra = f"  silent {event['at_ms'] - event['last_seen_ms']} ms (ttl {event['ttl_ms']} ms)"
-    return (f"{at}  {event['kind']:<10} {event['service']}/{event['instance']}  "
-            f"inc={event['incarnation']} seq={event['seq']} id={event['id']}{extra}")
+    return (
+        f"{at}  {event['kind']:<10} {event['service']}/{event['instance']}  "
+        f"inc={event['incarnation']} seq={event['seq']} id={event['id']}{extra}"
+    )
 
 
 @cli.command()
 @click.argument("pattern", default="#")
 @click.option("--follow", "-f", is_flag=True, help="keep printing live events")
 @click.option("--json", "as_json", is_flag=True, help="one event JSON per line, flushed")
-@click.option("--last", type=click.IntRange(min=0), default=20, show_default=True,
-              help="how many past events to print first")
+@click.option(
+    "--last",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="how many past events to print first",
+)
 @click.pass_context
 def events(ctx: click.Context, pattern: str, follow: bool, as_json: bool, last: int) -> None:
     """Recent transitions matching PATTERN (e.g. 'dead.#', '*.db.*'), then live with --follow."""
@@ -400,8 +539,13 @@ def doctor(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option("--duration", type=click.FloatRange(min=10), default=45.0, show_default=True,
-              help="seconds; the demo ends by itself")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=10),
+    default=45.0,
+    show_default=True,
+    help="seconds; the demo ends by itself",
+)
 @click.option("--demo-namespace", help="namespace for the demo [default: <namespace>-demo]")
 @click.option("--keep", is_flag=True, help="keep the demo's queues and keys afterwards")
 @verbose_option

@@ -13,6 +13,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from aiormq.abc import FieldTable
 
 from hbbus.errors import Unavailable
 from hbbus.names import Names
@@ -20,23 +21,32 @@ from hbbus.settings import Settings, redact
 
 #: Errors that mean "the broker is not there (any more)". ChannelInvalidStateError is a
 #: RuntimeError, raised when a channel closed under a publish before the connection noticed.
-AMQP_ERRORS: tuple[type[BaseException], ...] = (
-    AMQPError, ChannelInvalidStateError, OSError, asyncio.TimeoutError)
+AMQP_ERRORS = (
+    AMQPError,
+    ChannelInvalidStateError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
-AGGREGATOR_QUEUE_ARGS = {"x-max-length": 1_000_000, "x-overflow": "drop-head"}
-PARKING_QUEUE_ARGS = {"x-max-length": 10_000, "x-overflow": "drop-head"}
+AGGREGATOR_QUEUE_ARGS: FieldTable = {"x-max-length": 1_000_000, "x-overflow": "drop-head"}
+PARKING_QUEUE_ARGS: FieldTable = {"x-max-length": 10_000, "x-overflow": "drop-head"}
 
 
-async def connect(settings: Settings, name: str, *, robust: bool = True,
-                  timeout_s: float = 5.0) -> AbstractRobustConnection:
+async def connect(
+    settings: Settings, name: str, *, robust: bool = True, timeout_s: float = 5.0
+) -> AbstractRobustConnection:
     """Open a connection named ``name`` (shown in the management UI); Unavailable if it fails."""
     try:
         if robust:  # reconnects every second (aio-pika's default is 5 s, longer than many TTLs)
             return await aio_pika.connect_robust(
-                settings.amqp_url, timeout=timeout_s, reconnect_interval=1,
-                client_properties={"connection_name": name})
+                settings.amqp_url,
+                timeout=timeout_s,
+                reconnect_interval=1,
+                client_properties={"connection_name": name},
+            )
         return await aio_pika.connect(  # type: ignore[return-value]
-            settings.amqp_url, timeout=timeout_s, client_properties={"connection_name": name})
+            settings.amqp_url, timeout=timeout_s, client_properties={"connection_name": name}
+        )
     except AMQP_ERRORS as exc:
         raise Unavailable(
             f"RabbitMQ at {redact(settings.amqp_url)} unreachable: {exc or type(exc).__name__}"
@@ -78,8 +88,13 @@ async def declare_events(channel: AbstractChannel, names: Names) -> AbstractExch
     )
 
 
-async def declare_failover(channel: AbstractChannel, names: Names, group: str,
-                           bindings: Iterable[str], retry_delays_ms: Iterable[int]) -> AbstractQueue:
+async def declare_failover(
+    channel: AbstractChannel,
+    names: Names,
+    group: str,
+    bindings: Iterable[str],
+    retry_delays_ms: Iterable[int],
+) -> AbstractQueue:
     """A consumer group's durable queue with its bindings, retry (delay) queues and DLQ."""
     events = await declare_events(channel, names)
     main = names.failover_queue(group)

@@ -16,7 +16,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import aio_pika
@@ -97,8 +97,10 @@ class Heartbeater:
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return (f"Heartbeater({self.service}/{self.instance}, inc={self.incarnation}, "
-                f"seq={self.seq}, ns={self.settings.namespace!r})")
+        return (
+            f"Heartbeater({self.service}/{self.instance}, inc={self.incarnation}, "
+            f"seq={self.seq}, ns={self.settings.namespace!r})"
+        )
 
     # -- control -----------------------------------------------------------------------------
     def set_status(self, status: str) -> None:
@@ -173,14 +175,19 @@ class Heartbeater:
             self._connected.clear()
             if self.connects > connects:  # it had connected: this is a new outage
                 backoff = 0.1
-            log.warning("%r: connection lost or refused (%s); retrying in %.1fs", self, reason,
-                        backoff)
+            log.warning(
+                "%r: connection lost or refused (%s); retrying in %.1fs", self, reason, backoff
+            )
             await sleep_or_stop(self._stop, backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
 
     async def _session(self) -> None:
-        connection = await connect(self.settings, f"hbbus-heartbeater {self.service}/{self.instance}",
-                                   robust=False, timeout_s=self.connect_timeout_s)
+        connection = await connect(
+            self.settings,
+            f"hbbus-heartbeater {self.service}/{self.instance}",
+            robust=False,
+            timeout_s=self.connect_timeout_s,
+        )
         async with connection:
             channel = await connection.channel(publisher_confirms=False)
             exchange = await declare_heartbeats(channel, self.names)
@@ -190,8 +197,9 @@ class Heartbeater:
             if self._leave:
                 await self._publish(exchange, "left", timeout_s=2.0)
 
-    async def _beat_loop(self, exchange: aio_pika.abc.AbstractExchange,
-                         connection: aio_pika.abc.AbstractConnection) -> None:
+    async def _beat_loop(
+        self, exchange: aio_pika.abc.AbstractExchange, connection: aio_pika.abc.AbstractConnection
+    ) -> None:
         next_at = time.monotonic()
         while not self._stop.is_set():
             if connection.is_closed:
@@ -222,14 +230,26 @@ class Heartbeater:
             self._meta_failing = True
         return self._last_meta
 
-    async def _publish(self, exchange: aio_pika.abc.AbstractExchange, status: str,
-                       timeout_s: float) -> None:
+    async def _publish(
+        self, exchange: aio_pika.abc.AbstractExchange, status: str, timeout_s: float
+    ) -> None:
         self.seq += 1
-        beat = Heartbeat(self.service, self.instance, self.incarnation, self.seq,
-                         round(self.interval_s * 1000), self.misses, int(time.time() * 1000),
-                         status, await self._resolve_meta())
-        message = aio_pika.Message(beat.encode(), content_type="application/json",
-                                   delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
+        beat = Heartbeat(
+            self.service,
+            self.instance,
+            self.incarnation,
+            self.seq,
+            round(self.interval_s * 1000),
+            self.misses,
+            int(time.time() * 1000),
+            status,
+            await self._resolve_meta(),
+        )
+        message = aio_pika.Message(
+            beat.encode(),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+        )
         try:
             async with asyncio.timeout(timeout_s):
                 await exchange.publish(message, beat.routing_key, mandatory=False)
@@ -287,11 +307,10 @@ class SyncHeartbeater:
         loop.run_forever()
         loop.close()
 
-    def _call(self, coro_fn: Callable[[], Awaitable[None]], timeout_s: float) -> None:
+    def _call(self, coro_fn: Callable[[], Coroutine[Any, Any, None]], timeout_s: float) -> None:
         if self._loop is None or self._thread is None:
             return
-        future = asyncio.run_coroutine_threadsafe(coro_fn(), self._loop)  # type: ignore[arg-type]
-        future.result(timeout_s)
+        asyncio.run_coroutine_threadsafe(coro_fn(), self._loop).result(timeout_s)
 
     def stop(self, leave: bool = True, timeout_s: float = 10.0) -> None:
         """Stop (publishing ``left`` unless ``leave=False``) and join the thread."""

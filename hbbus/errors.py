@@ -41,4 +41,4 @@ class ActionFailed(HbbusError):
 
 
 class PermanentFailure(ActionFailed):
-    """Raised by a failover handler when retrying cannot help: the event goes straight to the DLQ."""
+    """Raised by a failover handler when retrying cannot help: the event goes to the DLQ."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from hbbus import metrics
@@ -57,7 +58,9 @@ return 'busy'
 _FINISH = """
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
 local last = redis.call('HGET', KEYS[2], ARGV[1])
-if not last or tonumber(last) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
+if not last or tonumber(last) < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+end
 redis.call('DEL', KEYS[3])
 return 1
 """
@@ -93,9 +96,17 @@ class FailoverConsumer:
     ... async def promote(event): ...
     """
 
-    def __init__(self, settings: Settings, group: str, bindings: Sequence[str], *,
-                 retry: RetryPolicy | None = None, handler_timeout_s: float = 60.0,
-                 dedupe_ttl_s: int = 7 * 24 * 3600, concurrency: int = 1) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        group: str,
+        bindings: Sequence[str],
+        *,
+        retry: RetryPolicy | None = None,
+        handler_timeout_s: float = 60.0,
+        dedupe_ttl_s: int = 7 * 24 * 3600,
+        concurrency: int = 1,
+    ) -> None:
         self.settings = settings
         self.group = check_name(group, "group")
         if not bindings:
@@ -110,7 +121,7 @@ class FailoverConsumer:
         self.counts: Counter[str] = Counter()
         self.ready = asyncio.Event()
         self._channel: AbstractChannel | None = None
-        self._redis = None
+        self._redis: Redis | None = None
         self._in_flight: set[asyncio.Task[object]] = set()
 
     def on(self, *kinds: str) -> Callable[[Handler], Handler]:
@@ -142,11 +153,16 @@ class FailoverConsumer:
                 channel = await connection.channel(publisher_confirms=True)
                 self._channel = channel
                 await channel.set_qos(prefetch_count=self.concurrency)
-                queue = await declare_failover(channel, self.names, self.group, self.bindings,
-                                               self.retry.delays_ms)
+                queue = await declare_failover(
+                    channel, self.names, self.group, self.bindings, self.retry.delays_ms
+                )
                 tag = await queue.consume(self._on_message)
-                log.info("failover group %s consuming %s (%s)", self.group, queue.name,
-                         ", ".join(self.bindings))
+                log.info(
+                    "failover group %s consuming %s (%s)",
+                    self.group,
+                    queue.name,
+                    ", ".join(self.bindings),
+                )
                 self.ready.set()
                 await stop.wait()
                 with contextlib.suppress(*AMQP_ERRORS):
@@ -154,16 +170,26 @@ class FailoverConsumer:
                 await self._drain_in_flight()
         finally:
             await redis.aclose()
-        log.info("failover group %s stopped on %s ◆ %d handled ◆ %d retried ◆ %d dead-lettered "
-                 "◆ %d duplicates", self.group, stop_reason(stop), self.counts["handled"],
-                 self.counts["retried"], self.counts["dead-lettered"], self.counts["duplicate"])
+        log.info(
+            "failover group %s stopped on %s ◆ %d handled ◆ %d retried ◆ %d dead-lettered "
+            "◆ %d duplicates",
+            self.group,
+            stop_reason(stop),
+            self.counts["handled"],
+            self.counts["retried"],
+            self.counts["dead-lettered"],
+            self.counts["duplicate"],
+        )
         return self.counts
 
     async def _drain_in_flight(self) -> None:
         """Let the handlers in hand finish (they are bounded by the handler timeout)."""
         if self._in_flight:
-            log.info("failover group %s: waiting for %d handler(s) in hand", self.group,
-                     len(self._in_flight))
+            log.info(
+                "failover group %s: waiting for %d handler(s) in hand",
+                self.group,
+                len(self._in_flight),
+            )
             await asyncio.gather(*self._in_flight, return_exceptions=True)
 
     # -- one message ---------------------------------------------------------------------------
@@ -200,22 +226,37 @@ class FailoverConsumer:
         handler = self.handlers.get(event.kind) or self.handlers.get("*")
         if handler is None:
             return "ignored"
-        keys = [self._key(f"done:{event.id}"), self._key("order"), self._key(f"inflight:{event.id}")]
+        keys = [
+            self._key(f"done:{event.id}"),
+            self._key("order"),
+            self._key(f"inflight:{event.id}"),
+        ]
         lease_ms = int((self.handler_timeout_s + 10) * 1000)
         verdict = await self._begin(keys=keys, args=[event.instance_id, event.ord, lease_ms])
         if verdict in ("done", "stale"):
-            log.debug("failover %s: %s event %s skipped (%s)", self.group, event.kind, event.id,
-                      verdict)
+            log.debug(
+                "failover %s: %s event %s skipped (%s)", self.group, event.kind, event.id, verdict
+            )
             return "duplicate" if verdict == "done" else "stale"
-        attempt = int((message.headers or {}).get(ATTEMPT_HEADER, 0))
+        attempt = int(str((message.headers or {}).get(ATTEMPT_HEADER, 0)))
         if verdict == "busy":  # another member runs it right now: look again after a delay
-            await self._republish(message, self.names.failover_retry_queue(
-                self.group, self.retry.delay_ms(1)), attempt, None)
+            await self._republish(
+                message,
+                self.names.failover_retry_queue(self.group, self.retry.delay_ms(1)),
+                attempt,
+                None,
+            )
             return "busy"
         return await self._run_handler(handler, event, message, keys, attempt)
 
-    async def _run_handler(self, handler: Handler, event: Event, message: AbstractIncomingMessage,
-                           keys: list[str], attempt: int) -> str:
+    async def _run_handler(
+        self,
+        handler: Handler,
+        event: Event,
+        message: AbstractIncomingMessage,
+        keys: list[str],
+        attempt: int,
+    ) -> str:
         assert self._redis is not None
         try:
             async with asyncio.timeout(self.handler_timeout_s):
@@ -229,51 +270,87 @@ class FailoverConsumer:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if isinstance(exc, TimeoutError):
                 error = f"handler timed out after {self.handler_timeout_s:g}s"
-            return await self._failed(event, message, attempt, error,
-                                      permanent=isinstance(exc, PermanentFailure))
+            return await self._failed(
+                event, message, attempt, error, permanent=isinstance(exc, PermanentFailure)
+            )
         await self._finish(keys=keys, args=[event.instance_id, event.ord, self.dedupe_ttl_s])
-        log.info("failover %s: %s %s handled (attempt %d)", self.group, event.kind,
-                 event.instance_id, attempt + 1)
+        log.info(
+            "failover %s: %s %s handled (attempt %d)",
+            self.group,
+            event.kind,
+            event.instance_id,
+            attempt + 1,
+        )
         return "handled"
 
-    async def _failed(self, event: Event, message: AbstractIncomingMessage, attempt: int,
-                      error: str, permanent: bool) -> str:
+    async def _failed(
+        self,
+        event: Event,
+        message: AbstractIncomingMessage,
+        attempt: int,
+        error: str,
+        permanent: bool,
+    ) -> str:
         retry = attempt + 1
         if permanent or retry > self.retry.max_retries:
-            log.error("failover %s: %s %s failed for good after %d tries: %s", self.group,
-                      event.kind, event.instance_id, attempt + 1, error)
+            log.error(
+                "failover %s: %s %s failed for good after %d tries: %s",
+                self.group,
+                event.kind,
+                event.instance_id,
+                attempt + 1,
+                error,
+            )
             await self._dead_letter(message, error, attempt + 1)
             return "dead-lettered"
         delay_ms = self.retry.delay_ms(retry)
-        log.warning("failover %s: %s %s failed (try %d: %s); retrying in %.1fs", self.group,
-                    event.kind, event.instance_id, attempt + 1, error, delay_ms / 1000)
-        await self._republish(message, self.names.failover_retry_queue(self.group, delay_ms),
-                              retry, error)
+        log.warning(
+            "failover %s: %s %s failed (try %d: %s); retrying in %.1fs",
+            self.group,
+            event.kind,
+            event.instance_id,
+            attempt + 1,
+            error,
+            delay_ms / 1000,
+        )
+        await self._republish(
+            message, self.names.failover_retry_queue(self.group, delay_ms), retry, error
+        )
         return "retried"
 
-    async def _republish(self, message: AbstractIncomingMessage, queue: str, attempt: int,
-                         error: str | None) -> None:
+    async def _republish(
+        self, message: AbstractIncomingMessage, queue: str, attempt: int, error: str | None
+    ) -> None:
         headers = dict(message.headers or {})
         headers[ATTEMPT_HEADER] = attempt
         if error is not None:
             headers["x-hbbus-error"] = error[:1000]
         assert self._channel is not None
         result = await self._channel.default_exchange.publish(
-            aio_pika.Message(message.body, headers=headers, message_id=message.message_id,
-                             type=message.type, content_type=message.content_type,
-                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            queue, mandatory=True, timeout=10,
+            aio_pika.Message(
+                message.body,
+                headers=headers,
+                message_id=message.message_id,
+                type=message.type,
+                content_type=message.content_type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            queue,
+            mandatory=True,
+            timeout=10,
         )
         if not isinstance(result, aiormq.spec.Basic.Ack):  # returned: no such queue
             raise DeliveryFailed(f"could not route the event to {queue}")
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, error: str,
-                           attempt: int) -> None:
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, error: str, attempt: int
+    ) -> None:
         await self._republish(message, self.names.failover_dlq(self.group), attempt, error)
 
 
-async def dlq_messages(settings: Settings, group: str, limit: int = 100,
-                       replay: bool = False) -> list[dict[str, object]]:
+async def dlq_messages(
+    settings: Settings, group: str, limit: int = 100, replay: bool = False
+) -> list[dict[str, object]]:
     """Read (and with ``replay``, move back to the group's queue) dead-lettered events."""
     names = Names(settings.namespace)
     connection = await connect(settings, f"hbbus-dlq {group}", robust=False)
@@ -283,23 +360,33 @@ async def dlq_messages(settings: Settings, group: str, limit: int = 100,
         try:
             dlq = await channel.declare_queue(names.failover_dlq(group), passive=True)
         except AMQP_ERRORS:
-            raise NotFound(f"no dead-letter queue for group {group!r} in namespace "
-                           f"{settings.namespace!r}") from None
+            raise NotFound(
+                f"no dead-letter queue for group {group!r} in namespace {settings.namespace!r}"
+            ) from None
         for _ in range(limit):
             message = await dlq.get(no_ack=False, fail=False, timeout=5)
             if message is None:
                 break
             headers = dict(message.headers or {})
-            out.append({"body": message.body.decode(errors="replace"),
-                        "error": headers.get("x-hbbus-error"),
-                        "attempts": headers.get(ATTEMPT_HEADER)})
+            out.append(
+                {
+                    "body": message.body.decode(errors="replace"),
+                    "error": headers.get("x-hbbus-error"),
+                    "attempts": headers.get(ATTEMPT_HEADER),
+                }
+            )
             if replay:
                 headers[ATTEMPT_HEADER] = 0
                 await channel.default_exchange.publish(
-                    aio_pika.Message(message.body, headers=headers,
-                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                     content_type=message.content_type),
-                    names.failover_queue(group), timeout=10)
+                    aio_pika.Message(
+                        message.body,
+                        headers=headers,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        content_type=message.content_type,
+                    ),
+                    names.failover_queue(group),
+                    timeout=10,
+                )
                 await message.ack()
         # without replay, the unacked messages go back to the DLQ when the channel closes
     return out

@@ -70,17 +70,22 @@ def record_row(record: dict[str, str], now_ms: int) -> dict[str, Any]:
     }
 
 
-async def status(settings: Settings, service: str | None = None,
-                 state: str | None = None) -> list[dict[str, Any]]:
+async def status(
+    settings: Settings, service: str | None = None, state: str | None = None
+) -> list[dict[str, Any]]:
     async with open_store(settings) as store:
         now_ms = await store.time_ms()
         rows = [record_row(r, now_ms) for r in await store.records()]
-    return [r for r in rows
-            if (service is None or r["service"] == service) and (state is None or r["state"] == state)]
+    return [
+        r
+        for r in rows
+        if (service is None or r["service"] == service) and (state is None or r["state"] == state)
+    ]
 
 
-async def show(settings: Settings, service: str, instance: str,
-               history: int = 20) -> dict[str, Any]:
+async def show(
+    settings: Settings, service: str, instance: str, history: int = 20
+) -> dict[str, Any]:
     async with open_store(settings) as store:
         now_ms = await store.time_ms()
         record = await store.record(service, instance)
@@ -101,12 +106,15 @@ async def forget(settings: Settings, service: str, instance: str) -> None:
 async def recent_events(settings: Settings, pattern: str, count: int) -> list[dict[str, Any]]:
     async with open_store(settings) as store:
         events = await store.recent_events(count * 4 if pattern != "#" else count)
-    keyed = [e for e in events if topic_match(pattern, f"{e['kind']}.{e['service']}.{e['instance']}")]
+    keyed = [
+        e for e in events if topic_match(pattern, f"{e['kind']}.{e['service']}.{e['instance']}")
+    ]
     return keyed[-count:] if count else []
 
 
-async def follow_events(settings: Settings, pattern: str, count: int,
-                        stop: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
+async def follow_events(
+    settings: Settings, pattern: str, count: int, stop: asyncio.Event
+) -> AsyncIterator[dict[str, Any]]:
     """Recent history matching ``pattern``, then live events until ``stop``; each once."""
     names = Names(settings.namespace)
     connection = await connect(settings, "hbbus-cli events", robust=True)
@@ -141,8 +149,12 @@ async def send_once(settings: Settings, beat: Heartbeat) -> None:
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await declare_heartbeats(channel, Names(settings.namespace))
-        await exchange.publish(aio_pika.Message(beat.encode(), content_type="application/json"),
-                               beat.routing_key, mandatory=False, timeout=10)
+        await exchange.publish(
+            aio_pika.Message(beat.encode(), content_type="application/json"),
+            beat.routing_key,
+            mandatory=False,
+            timeout=10,
+        )
 
 
 # -- doctor -------------------------------------------------------------------------------------
@@ -170,31 +182,46 @@ async def _doctor_redis(settings: Settings, report: DoctorReport) -> None:
     try:
         async with open_store(settings) as store:
             info = await store.redis.info("server")
-            report.add("redis", True, f"{redact(settings.redis_url)} — Redis {info['redis_version']}")
+            report.add(
+                "redis", True, f"{redact(settings.redis_url)} — Redis {info['redis_version']}"
+            )
             t0 = time.time() * 1000
             server_ms = await store.time_ms()
             t1 = time.time() * 1000
             offset = server_ms - (t0 + t1) / 2
-            report.add("clock", abs(offset) < 1000,
-                       f"this host's clock is {offset:+.0f} ms from Redis time (rtt {t1 - t0:.1f} ms); "
-                       "liveness uses Redis time only", warning=True)
+            report.add(
+                "clock",
+                abs(offset) < 1000,
+                f"this host's clock is {offset:+.0f} ms from Redis time (rtt {t1 - t0:.1f} ms); "
+                "liveness uses Redis time only",
+                warning=True,
+            )
             records = await store.records()
             states = {s: sum(1 for r in records if r.get("state") == s) for s in STATES}
-            report.add("state", True, f"{len(records)} instances: " +
-                       ", ".join(f"{n} {s}" for s, n in states.items()))
+            report.add(
+                "state",
+                True,
+                f"{len(records)} instances: " + ", ".join(f"{n} {s}" for s, n in states.items()),
+            )
             oldest = await store.redis.zrange(store.names.outbox_key, 0, 0, withscores=True)
             stuck_ms = server_ms - int(oldest[0][1]) if oldest else 0
-            report.add("outbox", stuck_ms < 2 * store.config.lease_ms,
-                       "no event waits to be published" if not oldest else
-                       f"the oldest unpublished event is {stuck_ms} ms old" +
-                       ("" if stuck_ms < 2 * store.config.lease_ms else
-                        ": is any aggregator running, can it reach RabbitMQ?"))
+            report.add(
+                "outbox",
+                stuck_ms < 2 * store.config.lease_ms,
+                "no event waits to be published"
+                if not oldest
+                else f"the oldest unpublished event is {stuck_ms} ms old"
+                + (
+                    ""
+                    if stuck_ms < 2 * store.config.lease_ms
+                    else ": is any aggregator running, can it reach RabbitMQ?"
+                ),
+            )
     except Unavailable as exc:
         report.add("redis", False, str(exc))
 
 
-async def _passive(connection: aio_pika.abc.AbstractConnection, kind: str,
-                   name: str) -> Any | None:
+async def _passive(connection: aio_pika.abc.AbstractConnection, kind: str, name: str) -> Any | None:
     channel = await connection.channel()
     try:
         if kind == "exchange":
@@ -222,26 +249,42 @@ async def _doctor_amqp(settings: Settings, report: DoctorReport) -> None:
         report.add("rabbitmq", True, f"{redact(settings.amqp_url)} — RabbitMQ {version}")
         for name in (names.heartbeats_exchange, names.events_exchange):
             found = await _passive(connection, "exchange", name)
-            report.add(f"exchange {name}", found is not None,
-                       "declared" if found else "missing: no aggregator has run in this namespace")
+            report.add(
+                f"exchange {name}",
+                found is not None,
+                "declared" if found else "missing: no aggregator has run in this namespace",
+            )
         queue = await _passive(connection, "queue", names.aggregator_queue)
         if queue is None:
-            report.add("aggregators", False, f"queue {names.aggregator_queue} missing: "
-                       "start one with `hbbus aggregator`")
+            report.add(
+                "aggregators",
+                False,
+                f"queue {names.aggregator_queue} missing: start one with `hbbus aggregator`",
+            )
             return
         result = queue.declaration_result
-        report.add("aggregators", result.consumer_count > 0,
-                   f"{result.consumer_count} consuming {names.aggregator_queue}" if
-                   result.consumer_count else f"nobody consumes {names.aggregator_queue}: "
-                   "start one with `hbbus aggregator`")
-        report.add("backlog", result.message_count < 10_000,
-                   f"{result.message_count} heartbeats waiting in {names.aggregator_queue}",
-                   warning=True)
+        report.add(
+            "aggregators",
+            result.consumer_count > 0,
+            f"{result.consumer_count} consuming {names.aggregator_queue}"
+            if result.consumer_count
+            else f"nobody consumes {names.aggregator_queue}: start one with `hbbus aggregator`",
+        )
+        report.add(
+            "backlog",
+            result.message_count < 10_000,
+            f"{result.message_count} heartbeats waiting in {names.aggregator_queue}",
+            warning=True,
+        )
         invalid = await _passive(connection, "queue", names.invalid_queue)
         if invalid is not None:
             parked = invalid.declaration_result.message_count
-            report.add("invalid", parked == 0, f"{parked} refused heartbeats parked in "
-                       f"{names.invalid_queue}", warning=True)
+            report.add(
+                "invalid",
+                parked == 0,
+                f"{parked} refused heartbeats parked in {names.invalid_queue}",
+                warning=True,
+            )
 
 
 async def doctor(settings: Settings) -> DoctorReport:

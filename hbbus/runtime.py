@@ -56,8 +56,7 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
 
 
 def setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity < 0 else (logging.DEBUG if verbosity > 1 else
-                                                   logging.INFO if verbosity == 1 else logging.WARNING)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     logging.basicConfig(
         level=level,
         stream=sys.stderr,
@@ -65,8 +64,11 @@ def setup_logging(verbosity: int) -> None:
         force=True,
     )
     # the libraries' own connection errors are reported by hbbus in one line of its own
-    library_level = logging.DEBUG if verbosity > 2 else (
-        logging.WARNING if verbosity >= 1 else logging.CRITICAL)
+    library_level = (
+        logging.DEBUG
+        if verbosity > 2
+        else (logging.WARNING if verbosity >= 1 else logging.CRITICAL)
+    )
     for name in ("aio_pika", "aiormq"):
         logging.getLogger(name).setLevel(library_level)
 

@@ -92,14 +92,27 @@ class Store:
         self._claim = redis.register_script(_script("claim.lua"))
         self._finalize = redis.register_script(_script("finalize.lua"))
         c = self.config
-        self._keys = [names.deadlines_key, names.instances_key, names.outbox_key,
-                      names.outbox_body_key, names.outbox_lease_key, names.outbox_pending_key,
-                      names.log_key]
-        self._common = [names.key_prefix, c.lease_ms, c.retention_ms, c.log_maxlen, c.history_len]
+        self._keys = [
+            names.deadlines_key,
+            names.instances_key,
+            names.outbox_key,
+            names.outbox_body_key,
+            names.outbox_lease_key,
+            names.outbox_pending_key,
+            names.log_key,
+        ]
+        self._common: list[Any] = [
+            names.key_prefix,
+            c.lease_ms,
+            c.retention_ms,
+            c.log_maxlen,
+            c.history_len,
+        ]
 
     @classmethod
-    def from_settings(cls, settings: Settings, config: StoreConfig | None = None,
-                      client_name: str = "hbbus") -> Store:
+    def from_settings(
+        cls, settings: Settings, config: StoreConfig | None = None, client_name: str = "hbbus"
+    ) -> Store:
         return cls(connect_redis(settings, client_name), Names(settings.namespace), config)
 
     async def close(self) -> None:
@@ -112,15 +125,26 @@ class Store:
             raise Unavailable(f"Redis at {redact(url)}: {exc}") from None
 
     # -- the hot path ------------------------------------------------------------------------
-    async def ingest(self, beats: Sequence[tuple[Heartbeat, int, int]]) -> tuple[int, list[OutEvent]]:
+    async def ingest(
+        self, beats: Sequence[tuple[Heartbeat, int, int]]
+    ) -> tuple[int, list[OutEvent]]:
         """Apply heartbeats, each with its clamped ``(interval_ms, ttl_ms)``, in one Lua call.
 
         Returns the number of stale heartbeats ignored and the events of the transitions made.
         """
         args: list[Any] = [*self._common, len(beats)]
         for beat, interval_ms, ttl_ms in beats:
-            args += (beat.service, beat.instance, beat.incarnation, beat.seq, interval_ms,
-                     ttl_ms, beat.sent_ms, beat.status, orjson.dumps(beat.meta))
+            args += (
+                beat.service,
+                beat.instance,
+                beat.incarnation,
+                beat.seq,
+                interval_ms,
+                ttl_ms,
+                beat.sent_ms,
+                beat.status,
+                orjson.dumps(beat.meta),
+            )
         reply = await self._ingest(keys=self._keys, args=args)
         return int(reply[0]), _events(reply[1:])
 
@@ -152,7 +176,7 @@ class Store:
             await pipe.execute()
 
     async def stats(self) -> dict[str, int]:
-        raw = await self.redis.hgetall(self.names.stats_key)
+        raw: dict[str, str] = await self.redis.hgetall(self.names.stats_key)  # type: ignore[assignment]
         return {k: int(v) for k, v in raw.items()}
 
     # -- reading, for operators ----------------------------------------------------------------
@@ -162,7 +186,7 @@ class Store:
 
     async def records(self) -> list[dict[str, str]]:
         """Every known instance record, sorted by service and instance."""
-        ids = sorted(await self.redis.smembers(self.names.instances_key))
+        ids: list[str] = sorted(await self.redis.smembers(self.names.instances_key))  # type: ignore[arg-type]
         async with self.redis.pipeline(transaction=False) as pipe:
             for iid in ids:
                 pipe.hgetall(self.names.key_prefix + "inst:" + iid)
@@ -170,7 +194,7 @@ class Store:
         return [row for row in rows if row]
 
     async def record(self, service: str, instance: str) -> dict[str, str] | None:
-        row = await self.redis.hgetall(self.names.record_key(service, instance))
+        row: dict[str, str] = await self.redis.hgetall(self.names.record_key(service, instance))  # type: ignore[assignment]
         return row or None
 
     async def history(self, service: str, instance: str, count: int = 20) -> list[dict[str, Any]]:
@@ -180,7 +204,7 @@ class Store:
 
     async def recent_events(self, count: int = 50) -> list[dict[str, Any]]:
         """The latest transitions of the whole namespace, oldest first."""
-        entries = await self.redis.xrevrange(self.names.log_key, count=count)
+        entries: list[Any] = await self.redis.xrevrange(self.names.log_key, count=count)  # type: ignore[assignment]
         return [orjson.loads(fields["e"]) for _, fields in reversed(entries)]
 
     async def pending_events(self) -> int:
@@ -200,7 +224,8 @@ class Store:
 
     async def drop_namespace(self) -> int:
         """Delete every key of this namespace (tests and the demo clean up with it)."""
+        pattern = self.names.key_prefix.replace("{", "\\{").replace("}", "\\}") + "*"
         deleted = 0
-        async for key in self.redis.scan_iter(match=self.names.key_prefix.replace("{", "\\{").replace("}", "\\}") + "*", count=1000):
+        async for key in self.redis.scan_iter(match=pattern, count=1000):
             deleted += await self.redis.delete(key)
         return deleted

@@ -14,10 +14,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from hbbus.workers.aggregator import Aggregator, AggregatorConfig
 
 from hbbus.settings import Settings
 from hbbus.store import StoreConfig
-from hbbus.workers.aggregator import Aggregator, AggregatorConfig
 from tests.helpers import EventSink, drop_namespace
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -26,8 +26,9 @@ CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def _answers(url: str, default_port: int) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port),
-                                      timeout=1):
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), timeout=1
+        ):
             return True
     except OSError:
         return False
@@ -73,14 +74,18 @@ def base_settings(request: pytest.FixtureRequest) -> Settings:
         services = request.getfixturevalue("docker_services")
         services.wait_until_responsive(
             check=lambda: _answers(settings.amqp_url, 5672) and _answers(settings.redis_url, 6379),
-            timeout=120, pause=1)
+            timeout=120,
+            pause=1,
+        )
     require(_answers(settings.amqp_url, 5672), f"RabbitMQ at {settings!r}")
     require(_answers(settings.redis_url, 6379), f"Redis at {settings!r}")
     return settings
 
 
 @pytest.fixture
-async def settings(base_settings: Settings, request: pytest.FixtureRequest) -> AsyncIterator[Settings]:
+async def settings(
+    base_settings: Settings, request: pytest.FixtureRequest
+) -> AsyncIterator[Settings]:
     """The shared servers, in a namespace of this test's own, removed afterwards."""
     stem = "".join(c if c.isalnum() else "-" for c in request.node.name)[:30].strip("-")
     s = base_settings.with_namespace(f"t-{stem}-{secrets.token_hex(3)}")
@@ -133,8 +138,9 @@ async def aggregators(settings: Settings) -> AsyncIterator[Callable[..., object]
     """Start in-process aggregators: ``await start(n=1, config=FAST)``; stopped at teardown."""
     running: list[RunningAggregator] = []
 
-    async def start(n: int = 1, config: AggregatorConfig = FAST,
-                    s: Settings | None = None) -> list[RunningAggregator]:
+    async def start(
+        n: int = 1, config: AggregatorConfig = FAST, s: Settings | None = None
+    ) -> list[RunningAggregator]:
         started = []
         for _ in range(n):
             agg = Aggregator(s or settings, config, name=f"test-aggregator-{len(running)}")

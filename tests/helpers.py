@@ -7,7 +7,7 @@ import contextlib
 import shutil
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -19,8 +19,9 @@ from hbbus.settings import Settings
 from hbbus.store import Store
 
 
-async def wait_until(cond: Callable[[], Any], timeout_s: float, what: str = "condition",
-                     poll_s: float = 0.02) -> Any:
+async def wait_until(
+    cond: Callable[[], Any], timeout_s: float, what: str = "condition", poll_s: float = 0.02
+) -> Any:
     """Poll ``cond`` (sync or async) until it returns something truthy, or fail after timeout."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -62,15 +63,25 @@ class EventSink:
             await self._connection.close()
 
     def of(self, kind: str | None = None, instance: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in self.events if (kind is None or e["kind"] == kind)
-                and (instance is None or f"{e['service']}/{e['instance']}" == instance
-                     or e["instance"] == instance)]
+        return [
+            e
+            for e in self.events
+            if (kind is None or e["kind"] == kind)
+            and (
+                instance is None
+                or f"{e['service']}/{e['instance']}" == instance
+                or e["instance"] == instance
+            )
+        ]
 
-    async def wait_for(self, kind: str, instance: str | None = None, count: int = 1,
-                       timeout_s: float = 10.0) -> list[dict[str, Any]]:
-        return await wait_until(lambda: len(self.of(kind, instance)) >= count and
-                                self.of(kind, instance), timeout_s,
-                                f"{count} {kind} event(s) for {instance or 'any instance'}")
+    async def wait_for(
+        self, kind: str, instance: str | None = None, count: int = 1, timeout_s: float = 10.0
+    ) -> list[dict[str, Any]]:
+        return await wait_until(
+            lambda: len(self.of(kind, instance)) >= count and self.of(kind, instance),
+            timeout_s,
+            f"{count} {kind} event(s) for {instance or 'any instance'}",
+        )
 
 
 async def drop_namespace(settings: Settings, extra_queues: list[str] | None = None) -> None:
@@ -81,10 +92,19 @@ async def drop_namespace(settings: Settings, extra_queues: list[str] | None = No
     finally:
         await store.close()
     names = Names(settings.namespace)
-    queues = [names.aggregator_queue, names.invalid_queue, names.unrouted_queue,
-              *(extra_queues or []), *rabbit_objects("queues", settings.namespace)]
-    exchanges = [names.heartbeats_exchange, names.events_exchange, names.unrouted_exchange,
-                 *rabbit_objects("exchanges", settings.namespace)]
+    queues = [
+        names.aggregator_queue,
+        names.invalid_queue,
+        names.unrouted_queue,
+        *(extra_queues or []),
+        *rabbit_objects("queues", settings.namespace),
+    ]
+    exchanges = [
+        names.heartbeats_exchange,
+        names.events_exchange,
+        names.unrouted_exchange,
+        *rabbit_objects("exchanges", settings.namespace),
+    ]
     connection = await connect(settings, "test-cleanup", robust=False)
     async with connection:
         for name in dict.fromkeys(queues):
@@ -103,15 +123,13 @@ def rabbit_objects(kind: str, namespace: str) -> list[str]:
     if ctl is None:
         return []
     try:
-        out = subprocess.run([ctl, "-q", f"list_{kind}", "name"], capture_output=True, text=True,
-                             timeout=30, check=False).stdout
+        out = subprocess.run(
+            [ctl, "-q", f"list_{kind}", "name"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return [line.strip() for line in out.splitlines()
-            if line.strip().startswith(f"{namespace}.")]
-
-
-async def run_with(task_factory: Callable[[asyncio.Event], Awaitable[Any]]) -> tuple[asyncio.Event, asyncio.Task[Any]]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(task_factory(stop))
-    return stop, task
+    return [line.strip() for line in out.splitlines() if line.strip().startswith(f"{namespace}.")]

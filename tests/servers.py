@@ -49,9 +49,24 @@ class PrivateRedis:
 
     def start(self) -> PrivateRedis:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_port(self.port, 10)
         return self
 
@@ -81,20 +96,27 @@ class PrivateRabbit:
         return self.dir / "mnesia" / f"{self.node}.pid"
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ,
-                "RABBITMQ_NODENAME": self.node,
-                "RABBITMQ_NODE_PORT": str(self.port),
-                "RABBITMQ_DIST_PORT": str(self.dist_port),
-                "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
-                "RABBITMQ_LOG_BASE": str(self.dir / "log"),
-                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
-                # a config of its own: the system's rabbitmq.conf may pin `listeners.tcp` to
-                # 5672, which overrides RABBITMQ_NODE_PORT (the node then dies: eaddrinuse)
-                "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf")}
+        return {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            # a config of its own: the system's rabbitmq.conf may pin `listeners.tcp` to
+            # 5672, which overrides RABBITMQ_NODE_PORT (the node then dies: eaddrinuse)
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+        }
 
     def _ctl(self, *args: str, timeout_s: float = 60) -> None:
-        subprocess.run(["rabbitmqctl", "-n", self.node, *args], env=self._env(), check=True,
-                       capture_output=True, timeout=timeout_s)
+        subprocess.run(
+            ["rabbitmqctl", "-n", self.node, *args],
+            env=self._env(),
+            check=True,
+            capture_output=True,
+            timeout=timeout_s,
+        )
 
     def start(self) -> PrivateRabbit:
         for sub in ("mnesia", "log"):
@@ -103,13 +125,23 @@ class PrivateRabbit:
         (self.dir / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
         try:
             user = pwd.getpwnam("rabbitmq")
-            for path in (self.dir, self.dir / "mnesia", self.dir / "log",
-                         self.dir / "enabled_plugins", self.dir / "rabbitmq.conf"):
+            for path in (
+                self.dir,
+                self.dir / "mnesia",
+                self.dir / "log",
+                self.dir / "enabled_plugins",
+                self.dir / "rabbitmq.conf",
+            ):
                 os.chown(path, user.pw_uid, user.pw_gid)
         except KeyError:
             pass
-        subprocess.run(["rabbitmq-server", "-detached"], env=self._env(), check=True,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            ["rabbitmq-server", "-detached"],
+            env=self._env(),
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         # `-detached` returns before the node has registered with epmd, so `await_startup` alone
         # can fail at once ("not running at all"); `wait PIDFILE` waits for the node to boot
         self._ctl("wait", str(self.pid_file), "--timeout", "90", timeout_s=100)

@@ -20,9 +20,17 @@ TTL_MS = round(INTERVAL_S * 1000) * MISSES
 
 
 async def fleet(settings: Settings, service: str, n: int) -> list[Heartbeater]:
-    beaters = [Heartbeater(service, f"{service}-{i}", interval_s=INTERVAL_S, misses=MISSES,
-                           settings=settings, meta={"endpoint": f"127.0.0.1:{9000 + i}"})
-               for i in range(n)]
+    beaters = [
+        Heartbeater(
+            service,
+            f"{service}-{i}",
+            interval_s=INTERVAL_S,
+            misses=MISSES,
+            settings=settings,
+            meta={"endpoint": f"127.0.0.1:{9000 + i}"},
+        )
+        for i in range(n)
+    ]
     await asyncio.gather(*(b.start() for b in beaters))
     assert all(b.connected for b in beaters)
     return beaters
@@ -47,7 +55,9 @@ async def test_fleet_deaths_leaves_recoveries_and_restarts(settings, aggregators
     assert not sink.of("dead", "web-3"), "a clean exit must not produce `dead`"
     for event in dead:
         silent_ms = event["at_ms"] - event["last_seen_ms"]
-        assert TTL_MS <= silent_ms <= TTL_MS + 250, f"{event['instance']} declared after {silent_ms} ms"
+        assert TTL_MS <= silent_ms <= TTL_MS + 250, (
+            f"{event['instance']} declared after {silent_ms} ms"
+        )
         assert event["meta"]["endpoint"].startswith("127.0.0.1:")
 
     # a killed instance comes back (a new process) -> recovered
@@ -94,7 +104,9 @@ async def test_killed_between_claim_and_publish_loses_nothing(settings, aggregat
         got = await sink.wait_for("dead", "db-1", timeout_s=lease_s + 5)
         assert got[0]["id"] == dead[0].id
         joined_two = await sink.wait_for("joined", "db-2", timeout_s=lease_s + 5)
-        assert joined_two[0]["id"] == next(e.id for e in joined if e.routing_key == "joined.db.db-2")
+        assert joined_two[0]["id"] == next(
+            e.id for e in joined if e.routing_key == "joined.db.db-2"
+        )
         await sink.wait_for("dead", "db-2", timeout_s=lease_s + 5)
         kinds_two = [e["kind"] for e in sink.of(instance="db-2")]
         assert kinds_two == ["joined", "dead"], "db-2's death waited for its `joined`"

@@ -12,8 +12,8 @@ import time
 import orjson
 import pytest
 from click.testing import CliRunner
-
 from hbbus.cli.main import EXIT_NOT_FOUND, EXIT_UNAVAILABLE, cli
+
 from hbbus.store import Store
 from hbbus.wire import Heartbeat
 
@@ -22,8 +22,18 @@ HBBUS = [sys.executable, "-m", "hbbus.cli"]
 
 def invoke(settings, *args):
     runner = CliRunner()
-    return runner.invoke(cli, ["--amqp-url", settings.amqp_url, "--redis-url", settings.redis_url,
-                               "--namespace", settings.namespace, *args])
+    return runner.invoke(
+        cli,
+        [
+            "--amqp-url",
+            settings.amqp_url,
+            "--redis-url",
+            settings.redis_url,
+            "--namespace",
+            settings.namespace,
+            *args,
+        ],
+    )
 
 
 def seed(settings, *beats):
@@ -39,8 +49,12 @@ def seed(settings, *beats):
 
 
 def env_for(settings):
-    return {**os.environ, "HBBUS_AMQP_URL": settings.amqp_url,
-            "HBBUS_REDIS_URL": settings.redis_url, "HBBUS_NAMESPACE": settings.namespace}
+    return {
+        **os.environ,
+        "HBBUS_AMQP_URL": settings.amqp_url,
+        "HBBUS_REDIS_URL": settings.redis_url,
+        "HBBUS_NAMESPACE": settings.namespace,
+    }
 
 
 def wait_for(cond, timeout_s, what):
@@ -59,10 +73,12 @@ def events_of(settings):
 
 
 def test_status_show_events_forget(settings):
-    seed(settings,
-         Heartbeat("api", "api-1", "inc1", 1, 60_000, 3, 0, "ok", {"endpoint": "10.0.0.1:80"}),
-         Heartbeat("api", "api-2", "inc2", 1, 60_000, 3, 0, "degraded", {}),
-         Heartbeat("db", "db-1", "inc3", 1, 60_000, 3, 0, "ok", {"role": "primary"}))
+    seed(
+        settings,
+        Heartbeat("api", "api-1", "inc1", 1, 60_000, 3, 0, "ok", {"endpoint": "10.0.0.1:80"}),
+        Heartbeat("api", "api-2", "inc2", 1, 60_000, 3, 0, "degraded", {}),
+        Heartbeat("db", "db-1", "inc3", 1, 60_000, 3, 0, "ok", {"role": "primary"}),
+    )
     result = invoke(settings, "status")
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0] == "3 instances: 3 alive, 0 dead, 0 left"
@@ -89,16 +105,19 @@ def test_status_show_events_forget(settings):
     assert "no instance db/db-1" in missing.output
 
 
-@pytest.mark.parametrize(("args", "code", "message"), [
-    (["show", "no-slash"], 2, "expected SERVICE/INSTANCE"),
-    (["show", "bad name/x"], 2, "invalid service"),
-    (["forget", "a/b"], EXIT_NOT_FOUND, "no instance a/b"),
-    (["send", "a.b", "x"], 2, "invalid service"),
-    (["send", "a", "x", "--meta", "oops"], 2, "--meta expects key=value"),
-    (["send", "a", "x", "--every", "1", "--interval", "2"], 2, "--interval is for one-shot"),
-    (["status", "--state", "zombie"], 2, "Invalid value for '--state'"),
-    (["failover", "dlq", "--group", "nope"], EXIT_NOT_FOUND, "no dead-letter queue"),
-])
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["show", "no-slash"], 2, "expected SERVICE/INSTANCE"),
+        (["show", "bad name/x"], 2, "invalid service"),
+        (["forget", "a/b"], EXIT_NOT_FOUND, "no instance a/b"),
+        (["send", "a.b", "x"], 2, "invalid service"),
+        (["send", "a", "x", "--meta", "oops"], 2, "--meta expects key=value"),
+        (["send", "a", "x", "--every", "1", "--interval", "2"], 2, "--interval is for one-shot"),
+        (["status", "--state", "zombie"], 2, "Invalid value for '--state'"),
+        (["failover", "dlq", "--group", "nope"], EXIT_NOT_FOUND, "no dead-letter queue"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors(settings, args, code, message):
     result = invoke(settings, *args)
     assert result.exit_code == code, result.output
@@ -109,9 +128,18 @@ def test_bad_arguments_are_one_line_errors(settings, args, code, message):
 @pytest.mark.parametrize("args", [["status"], ["doctor"], ["send", "a", "b"]])
 def test_unreachable_servers_are_one_line_errors(args):
     result = subprocess.run(
-        [*HBBUS, "--amqp-url", "amqp://guest:secret@127.0.0.1:1/",
-         "--redis-url", "redis://127.0.0.1:1/0", *args],
-        capture_output=True, text=True, timeout=60)
+        [
+            *HBBUS,
+            "--amqp-url",
+            "amqp://guest:secret@127.0.0.1:1/",
+            "--redis-url",
+            "redis://127.0.0.1:1/0",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if args == ["doctor"]:
         assert result.returncode == 1
         assert "[FAIL] rabbitmq" in result.stdout and "[FAIL] redis" in result.stdout
@@ -131,10 +159,14 @@ def test_version_and_help():
 
 @pytest.fixture
 def aggregator_process(settings):
-    proc = subprocess.Popen([*HBBUS, "aggregator", "-v"], env=env_for(settings),
-                            stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: "consuming" in (proc.stderr.readline() or "") or proc.poll() is not None,
-             20, "aggregator start")
+    proc = subprocess.Popen(
+        [*HBBUS, "aggregator", "-v"], env=env_for(settings), stderr=subprocess.PIPE, text=True
+    )
+    wait_for(
+        lambda: "consuming" in (proc.stderr.readline() or "") or proc.poll() is not None,
+        20,
+        "aggregator start",
+    )
     assert proc.poll() is None, "aggregator exited"
     yield proc
     if proc.poll() is None:
@@ -144,19 +176,31 @@ def aggregator_process(settings):
 
 def test_send_every_sigkill_is_dead_sigterm_is_left(settings, aggregator_process):
     env = env_for(settings)
-    killed = subprocess.Popen([*HBBUS, "send", "cli", "k-1", "--every", "0.2",
-                               "--meta", "role=replica"], env=env)
-    termed = subprocess.Popen([*HBBUS, "send", "cli", "t-1", "--every", "0.2"], env=env,
-                              stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: len([e for e in events_of(settings) if e["kind"] == "joined"]) == 2, 20,
-             "both joined")
+    killed = subprocess.Popen(
+        [*HBBUS, "send", "cli", "k-1", "--every", "0.2", "--meta", "role=replica"], env=env
+    )
+    termed = subprocess.Popen(
+        [*HBBUS, "send", "cli", "t-1", "--every", "0.2"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(
+        lambda: len([e for e in events_of(settings) if e["kind"] == "joined"]) == 2,
+        20,
+        "both joined",
+    )
     killed.send_signal(signal.SIGKILL)
     termed.send_signal(signal.SIGTERM)
     _, err = termed.communicate(timeout=10)
     assert termed.returncode == 0 and "then left" in err
     killed.wait(10)
-    kinds = wait_for(lambda: (k := {(e["kind"], e["instance"]) for e in events_of(settings)})
-                     >= {("dead", "k-1"), ("left", "t-1")} and k, 10, "dead and left")
+    kinds = wait_for(
+        lambda: (
+            (k := {(e["kind"], e["instance"]) for e in events_of(settings)})
+            >= {("dead", "k-1"), ("left", "t-1")}
+            and k
+        ),
+        10,
+        "dead and left",
+    )
     assert ("dead", "t-1") not in kinds and ("left", "k-1") not in kinds
     dead = next(e for e in events_of(settings) if e["kind"] == "dead")
     assert dead["meta"] == {"role": "replica"}
@@ -170,8 +214,12 @@ def test_send_every_sigkill_is_dead_sigterm_is_left(settings, aggregator_process
 def test_one_shot_sends_keep_one_incarnation(settings, aggregator_process):
     env = env_for(settings)
     for _ in range(2):
-        subprocess.run([*HBBUS, "send", "cron", "nightly", "--interval", "3600"], env=env,
-                       check=True, timeout=30)
+        subprocess.run(
+            [*HBBUS, "send", "cron", "nightly", "--interval", "3600"],
+            env=env,
+            check=True,
+            timeout=30,
+        )
         time.sleep(0.01)
     wait_for(lambda: any(e["kind"] == "joined" for e in events_of(settings)), 10, "joined")
     time.sleep(0.5)
@@ -181,12 +229,17 @@ def test_one_shot_sends_keep_one_incarnation(settings, aggregator_process):
 
 
 def test_events_follow_prints_live_json_lines(settings, aggregator_process):
-    follower = subprocess.Popen([*HBBUS, "events", "--follow", "--json", "*.live.*"],
-                                env=env_for(settings), stdout=subprocess.PIPE, text=True)
+    follower = subprocess.Popen(
+        [*HBBUS, "events", "--follow", "--json", "*.live.*"],
+        env=env_for(settings),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(1.0)  # let it bind its queue; the events below could also come from history
-        subprocess.run([*HBBUS, "send", "live", "l-1"], env=env_for(settings), check=True,
-                       timeout=30)
+        subprocess.run(
+            [*HBBUS, "send", "live", "l-1"], env=env_for(settings), check=True, timeout=30
+        )
         line = follower.stdout.readline()
         assert orjson.loads(line)["kind"] == "joined"
     finally:
@@ -198,17 +251,31 @@ def test_events_follow_prints_live_json_lines(settings, aggregator_process):
 def test_failover_run_exec_subprocess(settings, aggregator_process, tmp_path):
     out = tmp_path / "handled.jsonl"
     runner = subprocess.Popen(
-        [*HBBUS, "failover", "run", "--group", "ops", "--bind", "dead.#",
-         "--exec", f"cat >> {out}; echo >> {out}"],
-        env=env_for(settings), stderr=subprocess.PIPE, text=True)
+        [
+            *HBBUS,
+            "failover",
+            "run",
+            "--group",
+            "ops",
+            "--bind",
+            "dead.#",
+            "--exec",
+            f"cat >> {out}; echo >> {out}",
+        ],
+        env=env_for(settings),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        sender = subprocess.Popen([*HBBUS, "send", "fo", "f-1", "--every", "0.2"],
-                                  env=env_for(settings))
+        sender = subprocess.Popen(
+            [*HBBUS, "send", "fo", "f-1", "--every", "0.2"], env=env_for(settings)
+        )
         wait_for(lambda: any(e["kind"] == "joined" for e in events_of(settings)), 20, "joined")
         sender.send_signal(signal.SIGKILL)
         sender.wait(10)
-        handled = wait_for(lambda: out.exists() and out.read_text().strip().splitlines(), 20,
-                           "the exec action ran")
+        handled = wait_for(
+            lambda: out.exists() and out.read_text().strip().splitlines(), 20, "the exec action ran"
+        )
         assert [orjson.loads(x)["kind"] for x in handled] == ["dead"]
     finally:
         runner.send_signal(signal.SIGTERM)

@@ -75,7 +75,10 @@ async def test_a_heartbeater_can_be_stopped_and_started_again(settings):
         assert beats[-1].status == "left"
         await hb.start()
         assert hb.connected
-        await wait_until(lambda: _count_after(queue, beats, stopped_at, 3), 5,
-                         "heartbeats after the second start")
+        await wait_until(
+            lambda: _count_after(queue, beats, stopped_at, 3),
+            5,
+            "heartbeats after the second start",
+        )
         assert beats[-1].status == "ok" and beats[-1].seq > beats[stopped_at - 1].seq
         await hb.stop()

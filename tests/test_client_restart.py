@@ -106,8 +106,14 @@ async def test_broker_outage_pauses_heartbeats_same_incarnation(private_rabbit, 
     settings = Settings(amqp_url=private_rabbit.url, namespace=f"t-outage-{secrets.token_hex(3)}")
     queue_name = f"{settings.namespace}.test-reader"
     reader = await readers(settings, queue_name)
-    hb = Heartbeater("svc", "svc-1", interval_s=INTERVAL_S, settings=settings,
-                     connect_timeout_s=2.0, max_backoff_s=1.0)
+    hb = Heartbeater(
+        "svc",
+        "svc-1",
+        interval_s=INTERVAL_S,
+        settings=settings,
+        connect_timeout_s=2.0,
+        max_backoff_s=1.0,
+    )
     try:
         await hb.start()
         assert hb.connected and hb.connects == 1
@@ -142,8 +148,9 @@ async def test_broker_outage_pauses_heartbeats_same_incarnation(private_rabbit, 
         assert_in_order(resumed)
         assert hb.connects >= 2
         assert any("connection lost or refused" in r.getMessage() for r in caplog.records)
-        logging.getLogger(__name__).info("outage noticed after %.2fs, reconnected %.2fs after "
-                                         "start_app", noticed_s, reconnect_s)
+        logging.getLogger(__name__).info(
+            "outage noticed after %.2fs, reconnected %.2fs after start_app", noticed_s, reconnect_s
+        )
 
         await asyncio.wait_for(hb.stop(), 5)
         last = await wait_until(lambda: _last_status(reader, "left"), 5, "the `left` heartbeat")
@@ -168,18 +175,26 @@ async def _last_status(reader: Reader, status: str) -> Heartbeat | None:
 async def test_start_without_broker_never_raises_and_stops_promptly(caplog):
     caplog.set_level(logging.WARNING, logger="hbbus.client")
     port = free_port()  # nothing listens there
-    settings = Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/",
-                        namespace=f"t-nobroker-{secrets.token_hex(3)}")
-    hb = Heartbeater("svc", "svc-1", interval_s=INTERVAL_S, settings=settings,
-                     connect_timeout_s=0.5)
+    settings = Settings(
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/",
+        namespace=f"t-nobroker-{secrets.token_hex(3)}",
+    )
+    hb = Heartbeater(
+        "svc", "svc-1", interval_s=INTERVAL_S, settings=settings, connect_timeout_s=0.5
+    )
     try:
         t0 = time.monotonic()
         await asyncio.wait_for(hb.start(), 5)
         assert time.monotonic() - t0 < 2.0
         assert not hb.connected
         assert hb._task is not None and not hb._task.done(), "it must keep trying"
-        await wait_until(lambda: sum("connection lost or refused" in r.getMessage()
-                                     for r in caplog.records) >= 2, 5, "two failed attempts")
+        await wait_until(
+            lambda: (
+                sum("connection lost or refused" in r.getMessage() for r in caplog.records) >= 2
+            ),
+            5,
+            "two failed attempts",
+        )
         t1 = time.monotonic()
         await asyncio.wait_for(hb.stop(), 5)
         assert time.monotonic() - t1 < 1.5
@@ -194,8 +209,9 @@ async def test_sync_heartbeater_in_a_thread(settings, readers):
     started: list[SyncHeartbeater] = []
 
     def run() -> None:
-        with SyncHeartbeater("sync", "s-1", interval_s=INTERVAL_S, settings=settings,
-                             meta=lambda: {"load": 0.5}) as shb:
+        with SyncHeartbeater(
+            "sync", "s-1", interval_s=INTERVAL_S, settings=settings, meta=lambda: {"load": 0.5}
+        ) as shb:
             started.append(shb)
             assert enough.wait(15), "the test never saw enough heartbeats"
 
@@ -251,10 +267,10 @@ async def test_raising_meta_does_not_stop_heartbeats(settings, readers, caplog, 
     reader = await readers(settings)
     meta = FlakyMeta(good, is_async)
     expected = {"call": good} if good else {}
-    async with Heartbeater("flaky", "f-1", interval_s=INTERVAL_S, settings=settings,
-                           meta=meta) as hb:
-        beats = await wait_until(lambda: _at_least(reader, good + 5), 10,
-                                 f"{good + 5} heartbeats")
+    async with Heartbeater(
+        "flaky", "f-1", interval_s=INTERVAL_S, settings=settings, meta=meta
+    ) as hb:
+        beats = await wait_until(lambda: _at_least(reader, good + 5), 10, f"{good + 5} heartbeats")
         assert hb.connected
     assert [b.meta for b in beats[:good]] == [{"call": i + 1} for i in range(good)]
     assert all(b.meta == expected for b in beats[good:]), [b.meta for b in beats]

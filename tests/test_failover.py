@@ -9,22 +9,34 @@ import os
 import aio_pika
 import orjson
 import pytest
+from hbbus.workers.failover_runner import exec_consumer
 
 from hbbus.amqp import connect, declare_events
 from hbbus.client import Heartbeater
 from hbbus.errors import PermanentFailure
 from hbbus.failover import FailoverConsumer, RetryPolicy, dlq_messages
 from hbbus.names import Names
-from hbbus.workers.failover_runner import exec_consumer
 from tests.helpers import wait_until
 
 FAST_RETRY = RetryPolicy(max_retries=3, base_s=0.05, max_s=0.2)
 
 
 def event(kind="dead", instance="db-1", ord_=1, id_=None):
-    return {"v": 1, "id": id_ or f"{kind}-{instance}-{ord_}", "kind": kind, "service": "db",
-            "instance": instance, "incarnation": "inc", "seq": 1, "ord": ord_, "at_ms": 1,
-            "last_seen_ms": 0, "ttl_ms": 1, "prev": "alive", "meta": {}}
+    return {
+        "v": 1,
+        "id": id_ or f"{kind}-{instance}-{ord_}",
+        "kind": kind,
+        "service": "db",
+        "instance": instance,
+        "incarnation": "inc",
+        "seq": 1,
+        "ord": ord_,
+        "at_ms": 1,
+        "last_seen_ms": 0,
+        "ttl_ms": 1,
+        "prev": "alive",
+        "meta": {},
+    }
 
 
 async def publish(settings, *events):
@@ -33,8 +45,10 @@ async def publish(settings, *events):
         channel = await connection.channel()
         exchange = await declare_events(channel, Names(settings.namespace))
         for e in events:
-            await exchange.publish(aio_pika.Message(orjson.dumps(e), delivery_mode=2),
-                                   f"{e['kind']}.{e['service']}.{e['instance']}")
+            await exchange.publish(
+                aio_pika.Message(orjson.dumps(e), delivery_mode=2),
+                f"{e['kind']}.{e['service']}.{e['instance']}",
+            )
 
 
 @contextlib.asynccontextmanager
@@ -74,8 +88,9 @@ async def test_events_published_while_no_consumer_runs_are_handled_on_start(sett
     await hb.abort()
     await asyncio.sleep(0.6)
     assert seen == []
-    async with running(consumer_with(settings, handler, bindings=["*.app.*"],
-                                     kinds=("joined", "dead"))):
+    async with running(
+        consumer_with(settings, handler, bindings=["*.app.*"], kinds=("joined", "dead"))
+    ):
         await wait_until(lambda: len(seen) >= 2, 10, "joined and dead handled")
     assert seen == [("joined", "app-1"), ("dead", "app-1")]
 
@@ -158,8 +173,14 @@ async def test_duplicates_are_handled_once_per_group_across_members(settings):
         dup = event(id_="same-id")
         await publish(settings, dup, dup, dup, event(instance="db-2"))
         await wait_until(lambda: len(calls) >= 2 and len(other_group) >= 2, 10, "handled")
-        await wait_until(lambda: a.counts["duplicate"] + b.counts["duplicate"] +
-                         a.counts["busy"] + b.counts["busy"] >= 2, 10, "duplicates skipped")
+        await wait_until(
+            lambda: (
+                a.counts["duplicate"] + b.counts["duplicate"] + a.counts["busy"] + b.counts["busy"]
+                >= 2
+            ),
+            10,
+            "duplicates skipped",
+        )
         await asyncio.sleep(0.3)
     assert sorted(calls) == ["dead-db-2-1", "same-id"]
     assert sorted(other_group) == ["dead-db-2-1", "same-id"]
@@ -199,8 +220,7 @@ cat >> {out}; echo " $HBBUS_EVENT_KIND $HBBUS_SERVICE/$HBBUS_INSTANCE" >> {out}
 [ $(wc -l < {out}) -ge 2 ]
 """)
     os.chmod(script, 0o755)
-    consumer = exec_consumer(settings, "ex", ["dead.#"], str(script), retry=FAST_RETRY,
-                             timeout_s=5)
+    consumer = exec_consumer(settings, "ex", ["dead.#"], str(script), retry=FAST_RETRY, timeout_s=5)
     async with running(consumer):
         await publish(settings, event())
         await wait_until(lambda: consumer.counts["handled"] == 1, 10, "handled")
@@ -210,8 +230,14 @@ cat >> {out}; echo " $HBBUS_EVENT_KIND $HBBUS_SERVICE/$HBBUS_INSTANCE" >> {out}
 
 
 async def test_exec_timeout_is_a_failure(settings):
-    consumer = exec_consumer(settings, "slow", ["dead.#"], "sleep 30",
-                             retry=RetryPolicy(max_retries=0, base_s=0.05), timeout_s=0.3)
+    consumer = exec_consumer(
+        settings,
+        "slow",
+        ["dead.#"],
+        "sleep 30",
+        retry=RetryPolicy(max_retries=0, base_s=0.05),
+        timeout_s=0.3,
+    )
     async with running(consumer):
         await publish(settings, event())
         await wait_until(lambda: consumer.counts["dead-lettered"] == 1, 10, "dead-lettered")
@@ -235,8 +261,9 @@ async def test_busy_event_is_retried_even_without_retries(settings):
     async def handler(e):
         calls.append(e.id)
 
-    consumer = FailoverConsumer(settings, "busy", ["dead.#"],
-                                retry=RetryPolicy(max_retries=0, base_s=0.1))
+    consumer = FailoverConsumer(
+        settings, "busy", ["dead.#"], retry=RetryPolicy(max_retries=0, base_s=0.1)
+    )
     consumer.on("dead")(handler)
     redis = connect_redis(settings)
     try:
@@ -270,6 +297,7 @@ async def test_stop_waits_for_the_handler_in_hand(settings):
     connection = await connect(settings, "test", robust=False)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(Names(settings.namespace).failover_queue("g"),
-                                            passive=True)
+        queue = await channel.declare_queue(
+            Names(settings.namespace).failover_queue("g"), passive=True
+        )
         assert queue.declaration_result.message_count == 0, "acked: nothing is redelivered"

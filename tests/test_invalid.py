@@ -18,8 +18,9 @@ async def test_malformed_oversized_misnamed_are_parked_and_counted(settings, agg
     good = Heartbeat("ok", "ok-1", "inc", 1, 200, 3, 0, "ok", {})
     bad = {
         "hb.x.y": b"{not json",
-        "hb.big.big-1": Heartbeat("big", "big-1", "inc", 1, 200, 3, 0, "ok",
-                                  {"blob": "x" * 9000}).encode(),
+        "hb.big.big-1": Heartbeat(
+            "big", "big-1", "inc", 1, 200, 3, 0, "ok", {"blob": "x" * 9000}
+        ).encode(),
         "hb.bad.name": orjson.dumps({**orjson.loads(good.encode()), "svc": "bad name!"}),
         "hb.ver.v": orjson.dumps({"v": 99}),
         "hb.ok.other": good.encode(),  # routing key does not match the body
@@ -49,8 +50,12 @@ async def test_malformed_oversized_misnamed_are_parked_and_counted(settings, agg
     finally:
         await store.close()
     assert {k: v for k, v in stats.items() if k.startswith("invalid:")} == {
-        "invalid:malformed": 1, "invalid:name": 1, "invalid:oversized": 1,
-        "invalid:routing-key": 1, "invalid:version": 1}
+        "invalid:malformed": 1,
+        "invalid:name": 1,
+        "invalid:oversized": 1,
+        "invalid:routing-key": 1,
+        "invalid:version": 1,
+    }
 
 
 async def _drain(queue, into, want):

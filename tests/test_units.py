@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hbbus.cli.main import parse_meta
+from hbbus.workers.aggregator import AggregatorConfig, coalesce
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,24 +15,38 @@ from hbbus.names import Names, split_instance_id
 from hbbus.ops import topic_match
 from hbbus.settings import Settings, redact
 from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_event, decode_heartbeat
-from hbbus.workers.aggregator import AggregatorConfig, coalesce
-from hbbus.cli.main import parse_meta
 
 names = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53),
-                         st.text(max_size=20))
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**53), 2**53), st.text(max_size=20)
+)
 
 
 def beat(**kw):
-    base = dict(service="api", instance="api-1", incarnation="inc", seq=1, interval_ms=1000,
-                misses=3, sent_ms=1, status="ok", meta={})
+    base = dict(
+        service="api",
+        instance="api-1",
+        incarnation="inc",
+        seq=1,
+        interval_ms=1000,
+        misses=3,
+        sent_ms=1,
+        status="ok",
+        meta={},
+    )
     base.update(kw)
     return Heartbeat(**base)
 
 
-@given(service=names, instance=names, incarnation=names, seq=st.integers(0, 2**53),
-       interval_ms=st.integers(1, 10**7), misses=st.integers(1, 100),
-       meta=st.dictionaries(st.text(max_size=10), json_scalars, max_size=5))
+@given(
+    service=names,
+    instance=names,
+    incarnation=names,
+    seq=st.integers(0, 2**53),
+    interval_ms=st.integers(1, 10**7),
+    misses=st.integers(1, 100),
+    meta=st.dictionaries(st.text(max_size=10), json_scalars, max_size=5),
+)
 def test_heartbeat_roundtrip(service, instance, incarnation, seq, interval_ms, misses, meta):
     hb = Heartbeat(service, instance, incarnation, seq, interval_ms, misses, 1, "ok", meta)
     assert decode_heartbeat(hb.encode(), hb.routing_key) == hb
@@ -44,19 +60,22 @@ def test_decoder_never_crashes_on_garbage(body):
         assert exc.reason in ("oversized", "malformed", "version", "schema", "name", "routing-key")
 
 
-@pytest.mark.parametrize(("doc", "reason"), [
-    (b"not json", "malformed"),
-    (b"[1, 2]", "malformed"),
-    (orjson.dumps({"v": 2}), "version"),
-    (orjson.dumps({**orjson.loads(beat().encode()), "svc": "a.b"}), "name"),
-    (orjson.dumps({**orjson.loads(beat().encode()), "inst": "x" * 65}), "name"),
-    (orjson.dumps({**orjson.loads(beat().encode()), "seq": -1}), "schema"),
-    (orjson.dumps({**orjson.loads(beat().encode()), "seq": "7"}), "schema"),
-    (orjson.dumps({**orjson.loads(beat().encode()), "ivl_ms": 0}), "schema"),
-    (orjson.dumps({**orjson.loads(beat().encode()), "status": "zombie"}), "schema"),
-    (orjson.dumps({**orjson.loads(beat().encode()), "meta": [1]}), "schema"),
-    (orjson.dumps({**orjson.loads(beat().encode()), "seq": True}), "schema"),
-])
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        (b"not json", "malformed"),
+        (b"[1, 2]", "malformed"),
+        (orjson.dumps({"v": 2}), "version"),
+        (orjson.dumps({**orjson.loads(beat().encode()), "svc": "a.b"}), "name"),
+        (orjson.dumps({**orjson.loads(beat().encode()), "inst": "x" * 65}), "name"),
+        (orjson.dumps({**orjson.loads(beat().encode()), "seq": -1}), "schema"),
+        (orjson.dumps({**orjson.loads(beat().encode()), "seq": "7"}), "schema"),
+        (orjson.dumps({**orjson.loads(beat().encode()), "ivl_ms": 0}), "schema"),
+        (orjson.dumps({**orjson.loads(beat().encode()), "status": "zombie"}), "schema"),
+        (orjson.dumps({**orjson.loads(beat().encode()), "meta": [1]}), "schema"),
+        (orjson.dumps({**orjson.loads(beat().encode()), "seq": True}), "schema"),
+    ],
+)
 def test_invalid_heartbeats_have_reasons(doc, reason):
     with pytest.raises(InvalidMessage) as info:
         decode_heartbeat(doc)
@@ -77,9 +96,23 @@ def test_seq_beyond_double_precision_is_refused():
 
 
 def test_event_decoding():
-    body = orjson.dumps({"v": 1, "id": "x", "kind": "dead", "service": "a", "instance": "b",
-                         "incarnation": "i", "seq": 1, "ord": 2, "at_ms": 3,
-                         "last_seen_ms": 1, "ttl_ms": 2, "prev": "alive", "meta": {"r": 1}})
+    body = orjson.dumps(
+        {
+            "v": 1,
+            "id": "x",
+            "kind": "dead",
+            "service": "a",
+            "instance": "b",
+            "incarnation": "i",
+            "seq": 1,
+            "ord": 2,
+            "at_ms": 3,
+            "last_seen_ms": 1,
+            "ttl_ms": 2,
+            "prev": "alive",
+            "meta": {"r": 1},
+        }
+    )
     event = decode_event(body)
     assert event.routing_key == "dead.a.b" and event.meta == {"r": 1}
     assert event.to_dict()["kind"] == "dead"
@@ -90,8 +123,11 @@ def test_event_decoding():
 def test_settings_from_env_and_overrides():
     env = {"HBBUS_AMQP_URL": "amqp://u:secret@h:1/", "HBBUS_NAMESPACE": "prod"}
     s = Settings.from_env(env, redis_url="redis://:pw@r:2/1")
-    assert (s.amqp_url, s.namespace, s.redis_url) == ("amqp://u:secret@h:1/", "prod",
-                                                      "redis://:pw@r:2/1")
+    assert (s.amqp_url, s.namespace, s.redis_url) == (
+        "amqp://u:secret@h:1/",
+        "prod",
+        "redis://:pw@r:2/1",
+    )
     assert "secret" not in repr(s) and "pw" not in repr(s) and "***" in repr(s)
     assert Settings.from_env({}).namespace == "hbbus"
     with pytest.raises(ConfigError, match="scheme"):
@@ -109,11 +145,25 @@ def test_redact():
 
 def test_names_carry_the_namespace():
     n = Names("ns1")
-    every = [n.heartbeats_exchange, n.aggregator_queue, n.invalid_queue, n.events_exchange,
-             n.failover_queue("g"), n.failover_dlq("g"), n.failover_retry_queue("g", 500)]
+    every = [
+        n.heartbeats_exchange,
+        n.aggregator_queue,
+        n.invalid_queue,
+        n.events_exchange,
+        n.failover_queue("g"),
+        n.failover_dlq("g"),
+        n.failover_retry_queue("g", 500),
+    ]
     assert all(x.startswith("ns1.") for x in every)
-    keys = [n.record_key("a", "b"), n.alive_key("a", "b"), n.deadlines_key, n.outbox_key,
-            n.log_key, n.instances_key, n.failover_key("g", "order")]
+    keys = [
+        n.record_key("a", "b"),
+        n.alive_key("a", "b"),
+        n.deadlines_key,
+        n.outbox_key,
+        n.log_key,
+        n.instances_key,
+        n.failover_key("g", "order"),
+    ]
     assert all(k.startswith("{ns1}:") for k in keys)
     assert split_instance_id("api/api-1") == ("api", "api-1")
     for bad in ("api", "api/", "/x", "a b/c"):
@@ -121,23 +171,31 @@ def test_names_carry_the_namespace():
             split_instance_id(bad)
 
 
-@pytest.mark.parametrize(("pattern", "key", "expected"), [
-    ("#", "dead.db.db-1", True),
-    ("dead.#", "dead.db.db-1", True),
-    ("dead.db.*", "dead.db.db-1", True),
-    ("dead.db.*", "joined.db.db-1", False),
-    ("*.db.*", "left.db.x", True),
-    ("*.db", "left.db.x", False),
-    ("#.x", "left.db.x", True),
-    ("dead.#.x", "dead.x", True),
-])
+@pytest.mark.parametrize(
+    ("pattern", "key", "expected"),
+    [
+        ("#", "dead.db.db-1", True),
+        ("dead.#", "dead.db.db-1", True),
+        ("dead.db.*", "dead.db.db-1", True),
+        ("dead.db.*", "joined.db.db-1", False),
+        ("*.db.*", "left.db.x", True),
+        ("*.db", "left.db.x", False),
+        ("#.x", "left.db.x", True),
+        ("dead.#.x", "dead.x", True),
+    ],
+)
 def test_topic_match(pattern, key, expected):
     assert topic_match(pattern, key) is expected
 
 
 def test_coalesce_keeps_the_newest_per_instance():
-    beats = [beat(seq=3), beat(seq=5), beat(seq=4), beat(instance="b", seq=9),
-             beat(incarnation="new", seq=1)]
+    beats = [
+        beat(seq=3),
+        beat(seq=5),
+        beat(seq=4),
+        beat(instance="b", seq=9),
+        beat(incarnation="new", seq=1),
+    ]
     out = {b.key: b for b in coalesce(beats)}
     assert out[("api", "api-1")].incarnation == "new"
     assert out[("api", "b")].seq == 9
@@ -153,13 +211,19 @@ def test_clamp():
 
 def test_retry_policy():
     policy = RetryPolicy(max_retries=4, base_s=0.5, max_s=2)
-    assert policy.delays_ms == [500, 1000, 2000, 2000]
+    assert [policy.delay_ms(n) for n in range(1, 5)] == [500, 1000, 2000, 2000]
+    assert policy.delays_ms == [500, 1000, 2000]  # the retry queues to declare
+    assert RetryPolicy(max_retries=0, base_s=0.1).delays_ms == [100]  # also used for "busy"
     with pytest.raises(ConfigError):
         RetryPolicy(max_retries=-1)
 
 
 def test_parse_meta():
     assert parse_meta(("endpoint=10.0.0.1:80", "load=0.5", "primary=true", "v=")) == {
-        "endpoint": "10.0.0.1:80", "load": 0.5, "primary": True, "v": ""}
+        "endpoint": "10.0.0.1:80",
+        "load": 0.5,
+        "primary": True,
+        "v": "",
+    }
     with pytest.raises(ConfigError):
         parse_meta(("novalue",))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+from aiormq.abc import FieldValue
 from redis.exceptions import RedisError
 
 from hbbus import metrics
@@ -89,8 +90,7 @@ class EventPublisher:
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        result = await self.exchange.publish(message, event.routing_key, mandatory=True,
-                                             timeout=10)
+        result = await self.exchange.publish(message, event.routing_key, mandatory=True, timeout=10)
         return isinstance(result, aiormq.spec.Basic.Ack)
 
     async def publish(self, events: Sequence[OutEvent]) -> int:
@@ -105,8 +105,12 @@ class EventPublisher:
         if failed:
             metrics.PUBLISH_FAILURES.inc(len(failed))
             errors = {repr(r) for r in results if r is not True}
-            log.warning("%d of %d events not confirmed (%s); a reaper retries them in order",
-                        len(failed), len(events), "; ".join(sorted(errors))[:300])
+            log.warning(
+                "%d of %d events not confirmed (%s); a reaper retries them in order",
+                len(failed),
+                len(events),
+                "; ".join(sorted(errors))[:300],
+            )
             await self.store.release(e.id for e in failed)
         if done:
             await self.store.finalize(e.id for e in done)
@@ -119,8 +123,9 @@ class EventPublisher:
 class Aggregator:
     """One aggregator process's work. ``await Aggregator(settings).run(stop)`` until ``stop``."""
 
-    def __init__(self, settings: Settings, config: AggregatorConfig | None = None,
-                 name: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, config: AggregatorConfig | None = None, name: str | None = None
+    ) -> None:
         self.settings = settings
         self.config = config or AggregatorConfig()
         self.names = Names(settings.namespace)
@@ -152,13 +157,20 @@ class Aggregator:
                 await connection.close()
         finally:
             await store.close()
-        log.info("aggregator %s stopped on %s ◆ %d heartbeats ◆ %d stale ◆ %d invalid ◆ "
-                 "%d events", self.name, stop_reason(stop), self.counts["heartbeats"],
-                 self.counts["stale"], self.counts["invalid"], self.counts["events"])
+        log.info(
+            "aggregator %s stopped on %s ◆ %d heartbeats ◆ %d stale ◆ %d invalid ◆ %d events",
+            self.name,
+            stop_reason(stop),
+            self.counts["heartbeats"],
+            self.counts["stale"],
+            self.counts["invalid"],
+            self.counts["events"],
+        )
         return self.counts
 
-    async def _serve(self, connection: aio_pika.abc.AbstractRobustConnection, store: Store,
-                     stop: asyncio.Event) -> None:
+    async def _serve(
+        self, connection: aio_pika.abc.AbstractRobustConnection, store: Store, stop: asyncio.Event
+    ) -> None:
         consume_channel = await connection.channel()
         await consume_channel.set_qos(prefetch_count=self.config.prefetch)
         queue = await declare_ingest(consume_channel, self.names)
@@ -219,17 +231,19 @@ class Aggregator:
             else:  # redelivered: the valid ones are then stale (seq), the invalid parked again
                 await batch[-1].nack(multiple=True, requeue=True)
         except AMQP_ERRORS as exc:  # the channel went away: the broker redelivers; seq dedupes
-            log.warning("ack of %d heartbeats failed (%s); they will be redelivered", len(batch),
-                        exc)
+            log.warning(
+                "ack of %d heartbeats failed (%s); they will be redelivered", len(batch), exc
+            )
 
-    async def _apply(self, store: Store, valid: list[Heartbeat],
-                     last: AbstractIncomingMessage) -> bool:
+    async def _apply(
+        self, store: Store, valid: list[Heartbeat], last: AbstractIncomingMessage
+    ) -> bool:
         """Apply valid heartbeats (in chunks of one Lua call each); False if Redis failed."""
         beats = coalesce(valid)
         clamped = [(b, *self.config.clamp(b)) for b in beats]
         try:
             for i in range(0, len(clamped), self.config.max_lua_batch):
-                stale, events = await store.ingest(clamped[i:i + self.config.max_lua_batch])
+                stale, events = await store.ingest(clamped[i : i + self.config.max_lua_batch])
                 self.counts["stale"] += stale
                 metrics.STALE.inc(stale)
                 if events:
@@ -242,8 +256,9 @@ class Aggregator:
         metrics.BATCH.observe(len(valid))
         return True
 
-    async def _redis_lost(self, store: Store, exc: BaseException,
-                          last: AbstractIncomingMessage) -> None:
+    async def _redis_lost(
+        self, store: Store, exc: BaseException, last: AbstractIncomingMessage
+    ) -> None:
         """Stop consuming, give every unacked heartbeat back to the queue (other aggregators
         take them), wait for Redis, then consume again."""
         log.warning("Redis failed (%s): pausing ingest, heartbeats go back to the queue", exc)
@@ -268,8 +283,9 @@ class Aggregator:
         if self._queue is not None:
             self._consumer_tag = await self._queue.consume(self._on_message)
 
-    async def _park(self, store: Store,
-                    invalid: list[tuple[AbstractIncomingMessage, InvalidMessage]]) -> bool:
+    async def _park(
+        self, store: Store, invalid: list[tuple[AbstractIncomingMessage, InvalidMessage]]
+    ) -> bool:
         """Refuse heartbeats: park each, with its reason, in ``<ns>.invalid``, and count them.
         False if parking failed (the caller then does not ack them)."""
         assert self._pub_channel is not None
@@ -279,13 +295,19 @@ class Aggregator:
             reasons[exc.reason] += 1
             log.debug("parked heartbeat from %r: %s", message.routing_key, exc)
             body = message.body
-            headers = {"x-hbbus-reason": exc.reason, "x-hbbus-detail": exc.detail[:500],
-                       "x-hbbus-routing-key": message.routing_key or "",
-                       "x-hbbus-size": len(body)}
+            headers: dict[str, FieldValue] = {
+                "x-hbbus-reason": exc.reason,
+                "x-hbbus-detail": exc.detail[:500],
+                "x-hbbus-routing-key": message.routing_key or "",
+                "x-hbbus-size": len(body),
+            }
             if len(body) > MAX_MESSAGE_BYTES:
                 body, headers["x-hbbus-truncated"] = body[:MAX_MESSAGE_BYTES], True
-            publishes.append(self._pub_channel.default_exchange.publish(
-                aio_pika.Message(body, headers=headers), self.names.invalid_queue, timeout=10))
+            publishes.append(
+                self._pub_channel.default_exchange.publish(
+                    aio_pika.Message(body, headers=headers), self.names.invalid_queue, timeout=10
+                )
+            )
         try:
             await asyncio.gather(*publishes)
             await store.count({f"invalid:{r}": n for r, n in reasons.items()})

@@ -32,8 +32,10 @@ from hbbus.store import Store
 INTERVAL_S = 0.5
 MISSES = 3
 FLEET = {"api": 4, "db": 3, "cache": 3}
-INSTALL_HINT = ("start the servers first: `make servers` (uses Docker Compose where a Docker "
-                "engine exists), or install them: `apt-get install rabbitmq-server redis-server`")
+INSTALL_HINT = (
+    "start the servers first: `make servers` (uses Docker Compose where a Docker "
+    "engine exists), or install them: `apt-get install rabbitmq-server redis-server`"
+)
 
 
 @dataclass
@@ -45,8 +47,9 @@ class DemoState:
     story: list[str] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
-    printed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("story", "events", "actions"), 0))
+    printed: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("story", "events", "actions"), 0)
+    )
 
     def say(self, text: str) -> None:
         self.story.append(f"{time.monotonic() - self.started:5.1f}s  {text}")
@@ -56,8 +59,14 @@ class DemoState:
         meta = {"endpoint": f"10.0.0.{index}:{8000 + index}", "version": "1.4.2"}
         if service == "db":
             meta["role"] = "primary" if index == 1 else "replica"
-        hb = Heartbeater(service, instance, interval_s=INTERVAL_S, misses=MISSES,
-                         meta=meta, settings=self.settings)
+        hb = Heartbeater(
+            service,
+            instance,
+            interval_s=INTERVAL_S,
+            misses=MISSES,
+            meta=meta,
+            settings=self.settings,
+        )
         await hb.start()
         self.beaters[instance] = hb
 
@@ -70,12 +79,22 @@ class DemoState:
         self.say(f"[yellow]clean exit[/]: {instance} says goodbye")
 
 
-def _worker(settings: Settings, log: IO[str], *args: str) -> asyncio.subprocess.Process:
-    env = {**os.environ, "HBBUS_AMQP_URL": settings.amqp_url,
-           "HBBUS_REDIS_URL": settings.redis_url, "HBBUS_NAMESPACE": settings.namespace}
-    return asyncio.create_subprocess_exec(  # type: ignore[return-value]
-        sys.executable, "-m", "hbbus.cli", *args, env=env, stdout=asyncio.subprocess.PIPE,
-        stderr=log)
+async def _worker(settings: Settings, log: IO[str], *args: str) -> asyncio.subprocess.Process:
+    env = {
+        **os.environ,
+        "HBBUS_AMQP_URL": settings.amqp_url,
+        "HBBUS_REDIS_URL": settings.redis_url,
+        "HBBUS_NAMESPACE": settings.namespace,
+    }
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hbbus.cli",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=log,
+    )
 
 
 async def _check_servers(settings: Settings) -> None:
@@ -94,7 +113,7 @@ async def _wait_for_consumers(settings: Settings, queue_name: str, count: int) -
             channel = await connection.channel()
             with contextlib.suppress(Exception):
                 queue = await channel.declare_queue(queue_name, passive=True)
-                if queue.declaration_result.consumer_count >= count:
+                if (queue.declaration_result.consumer_count or 0) >= count:
                     return
             await asyncio.sleep(0.2)
     raise Unavailable("the demo's workers did not start within 30 s; see their log")
@@ -135,14 +154,19 @@ def _render(state: DemoState) -> Group:
     table = status_table(state.rows, title=summary(state.rows))
     recent = "\n".join(fmt_event(e)[11:] for e in state.events[-10:]) or "(none yet)"
     actions = "\n".join(state.actions[-6:]) or "(none yet)"
-    return Group(table,
-                 Panel("\n".join(state.story[-8:]), title="what the demo does"),
-                 Panel(recent, title=f"events on {state.settings.namespace}.events"),
-                 Panel(actions, title="failover consumer (group demo, bound to dead.#)"))
+    return Group(
+        table,
+        Panel("\n".join(state.story[-8:]), title="what the demo does"),
+        Panel(recent, title=f"events on {state.settings.namespace}.events"),
+        Panel(actions, title="failover consumer (group demo, bound to dead.#)"),
+    )
 
 
-async def _script(state: DemoState, procs: list[asyncio.subprocess.Process],
-                  at: Callable[[float], Awaitable[None]]) -> None:
+async def _script(
+    state: DemoState,
+    procs: list[asyncio.subprocess.Process],
+    at: Callable[[float], Awaitable[None]],
+) -> None:
     await at(0.15)
     await state.crash("api-2")
     await state.crash("db-1")
@@ -162,8 +186,14 @@ async def _script(state: DemoState, procs: list[asyncio.subprocess.Process],
     await state.crash("cache-2")
 
 
-EXPECTED = [("dead", "api-2"), ("dead", "db-1"), ("left", "cache-1"), ("recovered", "api-2"),
-            ("restarted", "db-2"), ("dead", "cache-2")]
+EXPECTED = [
+    ("dead", "api-2"),
+    ("dead", "db-1"),
+    ("left", "cache-1"),
+    ("recovered", "api-2"),
+    ("restarted", "db-2"),
+    ("dead", "cache-2"),
+]
 
 
 async def run_demo(settings: Settings, duration_s: float, keep: bool = False) -> int:
@@ -172,27 +202,50 @@ async def run_demo(settings: Settings, duration_s: float, keep: bool = False) ->
         await _check_servers(settings)
     except Unavailable as exc:
         raise Unavailable(f"{exc}\n{INSTALL_HINT}") from None
-    console.print(f"hbbus demo: namespace [bold]{settings.namespace}[/], RabbitMQ "
-                  f"{redact(settings.amqp_url)}, Redis {redact(settings.redis_url)}, "
-                  f"{duration_s:.0f}s", highlight=False)
+    console.print(
+        f"hbbus demo: namespace [bold]{settings.namespace}[/], RabbitMQ "
+        f"{redact(settings.amqp_url)}, Redis {redact(settings.redis_url)}, "
+        f"{duration_s:.0f}s",
+        highlight=False,
+    )
     state = DemoState(settings)
     stop = asyncio.Event()
-    log = tempfile.NamedTemporaryFile("w", prefix="hbbus-demo-", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - the workers write to it until the end
+        "w", prefix="hbbus-demo-", suffix=".log", delete=False
+    )
     procs = [await _worker(settings, log, "aggregator"), await _worker(settings, log, "aggregator")]
     action = 'echo "$(date +%T) rerouting traffic away from $HBBUS_SERVICE/$HBBUS_INSTANCE"'
-    procs.append(await _worker(settings, log, "failover", "run", "--group", "demo",
-                               "--bind", "dead.#", "--exec", action, "--backoff", "0.5"))
+    procs.append(
+        await _worker(
+            settings,
+            log,
+            "failover",
+            "run",
+            "--group",
+            "demo",
+            "--bind",
+            "dead.#",
+            "--exec",
+            action,
+            "--backoff",
+            "0.5",
+        )
+    )
     store = Store.from_settings(settings, client_name="hbbus-demo")
-    tasks = [asyncio.create_task(_collect_events(settings, state, stop)),
-             asyncio.create_task(_read_actions(procs[2], state)),
-             asyncio.create_task(_poll_status(store, state, stop))]
+    tasks = [
+        asyncio.create_task(_collect_events(settings, state, stop)),
+        asyncio.create_task(_read_actions(procs[2], state)),
+        asyncio.create_task(_poll_status(store, state, stop)),
+    ]
     try:
         await _wait_for_consumers(settings, Names(settings.namespace).aggregator_queue, 2)
         for service, n in FLEET.items():
             for i in range(1, n + 1):
                 await state.start_instance(service, f"{service}-{i}")
-        state.say(f"started {sum(FLEET.values())} instances (interval {INTERVAL_S}s, "
-                  f"{MISSES} misses: dead after {INTERVAL_S * MISSES:g}s of silence)")
+        state.say(
+            f"started {sum(FLEET.values())} instances (interval {INTERVAL_S}s, "
+            f"{MISSES} misses: dead after {INTERVAL_S * MISSES:g}s of silence)"
+        )
         await _run_live(console, state, duration_s, procs)
     finally:
         stop.set()
@@ -213,8 +266,9 @@ async def run_demo(settings: Settings, duration_s: float, keep: bool = False) ->
     return _report(console, state, log.name)
 
 
-async def _run_live(console: Console, state: DemoState, duration_s: float,
-                    procs: list[asyncio.subprocess.Process]) -> None:
+async def _run_live(
+    console: Console, state: DemoState, duration_s: float, procs: list[asyncio.subprocess.Process]
+) -> None:
     async def at(fraction: float) -> None:
         await asyncio.sleep(max(0.0, state.started + fraction * duration_s - time.monotonic()))
 
@@ -237,11 +291,11 @@ def _print_new(console: Console, state: DemoState) -> None:
     from hbbus.cli.main import fmt_event
 
     printed = state.printed
-    for line in state.story[printed["story"]:]:
+    for line in state.story[printed["story"] :]:
         console.print(line, highlight=False)
-    for event in state.events[printed["events"]:]:
+    for event in state.events[printed["events"] :]:
         console.print("       event   " + fmt_event(event), highlight=False)
-    for line in state.actions[printed["actions"]:]:
+    for line in state.actions[printed["actions"] :]:
         console.print("       action  " + line, highlight=False)
     printed["story"], printed["events"] = len(state.story), len(state.events)
     printed["actions"] = len(state.actions)
@@ -255,13 +309,21 @@ async def _cleanup(settings: Settings, store: Store) -> None:
         connection = await connect(settings, "hbbus-demo cleanup", robust=False)
         async with connection:
             channel = await connection.channel()
-            for queue in (names.aggregator_queue, names.invalid_queue, names.unrouted_queue,
-                          names.failover_queue("demo"), names.failover_dlq("demo"),
-                          names.failover_retry_queue("demo", 500),
-                          *[names.failover_retry_queue("demo", 500 * 2**i) for i in range(1, 5)]):
+            for queue in (
+                names.aggregator_queue,
+                names.invalid_queue,
+                names.unrouted_queue,
+                names.failover_queue("demo"),
+                names.failover_dlq("demo"),
+                names.failover_retry_queue("demo", 500),
+                *[names.failover_retry_queue("demo", 500 * 2**i) for i in range(1, 5)],
+            ):
                 await channel.queue_delete(queue)
-            for exchange in (names.heartbeats_exchange, names.events_exchange,
-                             names.unrouted_exchange):
+            for exchange in (
+                names.heartbeats_exchange,
+                names.events_exchange,
+                names.unrouted_exchange,
+            ):
                 await channel.exchange_delete(exchange)
 
 
@@ -279,7 +341,10 @@ def _report(console: Console, state: DemoState, log_path: str) -> int:
     ok &= not false_deaths
     console.print(table)
     kinds = Counter(e["kind"] for e in state.events)
-    console.print(f"{len(state.events)} events ({', '.join(f'{n} {k}' for k, n in kinds.items())}"
-                  f"); {len(state.actions)} failover actions; false deaths: "
-                  f"{', '.join(false_deaths) or 'none'}; worker logs: {log_path}", highlight=False)
+    console.print(
+        f"{len(state.events)} events ({', '.join(f'{n} {k}' for k, n in kinds.items())}"
+        f"); {len(state.actions)} failover actions; false deaths: "
+        f"{', '.join(false_deaths) or 'none'}; worker logs: {log_path}",
+        highlight=False,
+    )
     return 0 if ok else 1

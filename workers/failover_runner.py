@@ -29,8 +29,13 @@ def exec_action(command: str, timeout_s: float = 60.0):
     """
 
     async def run_command(event: Event) -> None:
-        env = {**os.environ, "HBBUS_EVENT_ID": event.id, "HBBUS_EVENT_KIND": event.kind,
-               "HBBUS_SERVICE": event.service, "HBBUS_INSTANCE": event.instance}
+        env = {
+            **os.environ,
+            "HBBUS_EVENT_ID": event.id,
+            "HBBUS_EVENT_KIND": event.kind,
+            "HBBUS_SERVICE": event.service,
+            "HBBUS_INSTANCE": event.instance,
+        }
         proc = await asyncio.create_subprocess_shell(
             command, stdin=asyncio.subprocess.PIPE, env=env, start_new_session=True
         )
@@ -49,10 +54,18 @@ def exec_action(command: str, timeout_s: float = 60.0):
     return run_command
 
 
-def exec_consumer(settings: Settings, group: str, bindings: Sequence[str], command: str, *,
-                  retry: RetryPolicy, timeout_s: float) -> FailoverConsumer:
+def exec_consumer(
+    settings: Settings,
+    group: str,
+    bindings: Sequence[str],
+    command: str,
+    *,
+    retry: RetryPolicy,
+    timeout_s: float,
+) -> FailoverConsumer:
     """A consumer of ``group`` that runs ``command`` once per event its bindings match."""
-    consumer = FailoverConsumer(settings, group, bindings, retry=retry,
-                                handler_timeout_s=timeout_s + 5)
+    consumer = FailoverConsumer(
+        settings, group, bindings, retry=retry, handler_timeout_s=timeout_s + 5
+    )
     consumer.on("*")(exec_action(command, timeout_s))
     return consumer
