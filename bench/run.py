@@ -22,13 +22,12 @@ import aio_pika
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hbbus.workers.aggregator import Aggregator
-
 from hbbus.amqp import connect, declare_ingest
 from hbbus.names import Names
 from hbbus.settings import Settings
 from hbbus.store import Store
 from hbbus.wire import Heartbeat
+from hbbus.workers.aggregator import Aggregator
 from tests.helpers import drop_namespace
 
 

@@ -273,10 +273,9 @@ def aggregator(
     metrics_addr: str,
 ) -> None:
     """Run an aggregator: ingest heartbeats into Redis and publish transitions (until SIGTERM)."""
-    from hbbus.workers.aggregator import Aggregator, AggregatorConfig
-
     from hbbus import metrics
     from hbbus.store import StoreConfig
+    from hbbus.workers.aggregator import Aggregator, AggregatorConfig
 
     worker_logging(ctx)
     config = AggregatorConfig(
@@ -342,9 +341,8 @@ def failover_run(
     timeout: float,
 ) -> None:
     """Run COMMAND once per event matching the bindings (until SIGTERM)."""
-    from hbbus.workers.failover_runner import exec_consumer
-
     from hbbus.failover import RetryPolicy
+    from hbbus.workers.failover_runner import exec_consumer
 
     worker_logging(ctx)
     retry = RetryPolicy(max_retries=max_retries, base_s=backoff, max_s=max(backoff, max_backoff))
@@ -398,7 +396,7 @@ def fmt_meta(meta: dict[str, Any], width: int = 48) -> str:
 def status_table(rows: list[dict[str, Any]], title: str | None = None) -> Any:
     from rich.table import Table
 
-    colours = {"alive": "green", "dead": "bold red", "left": "dim"}
+    colours = {"alive": "green", "suspect": "yellow", "dead": "bold red", "left": "dim"}
     table = Table(title=title, title_justify="left", header_style="bold")
     for col in ("service", "instance", "state", "age", "seq", "incarnation", "meta"):
         table.add_column(
@@ -429,14 +427,17 @@ def summary(rows: list[dict[str, Any]]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="one JSON array")
 @click.pass_context
 def status(ctx: click.Context, service: str | None, state: str | None, as_json: bool) -> None:
-    """A table of every instance: state, age of its last heartbeat, seq, incarnation, meta."""
+    """The observer's health, then a table of every instance: state, age of its last
+    heartbeat, seq, incarnation, meta."""
     rows = run_async(ops.status(settings_of(ctx), service, state))
     if as_json:
         click.echo(orjson.dumps(rows).decode())
         return
     from rich.console import Console
 
+    obs = run_async(ops.observer(settings_of(ctx)))
     console = Console(width=None if sys.stdout.isatty() else 200)  # piped: do not wrap rows
+    console.print(ops.observer_line(obs), highlight=False, markup=False)
     console.print(summary(rows), highlight=False)
     if rows:
         console.print(status_table(rows))

@@ -66,6 +66,7 @@ async def declare_ingest(channel: AbstractChannel, names: Names) -> AbstractQueu
         names.aggregator_queue, durable=True, arguments=AGGREGATOR_QUEUE_ARGS
     )
     await queue.bind(exchange, "hb.#")
+    await queue.bind(exchange, "probe.#")  # the aggregators' watermark probes
     await channel.declare_queue(names.invalid_queue, durable=True, arguments=PARKING_QUEUE_ARGS)
     return queue
 

@@ -66,6 +66,10 @@ class Names:
         return f"{self.namespace}.failover.{group}.dlq"
 
     @staticmethod
+    def probe_routing_key(aggregator: str) -> str:
+        return "probe." + "".join(c if c.isalnum() or c in "_-" else "-" for c in aggregator)
+
+    @staticmethod
     def heartbeat_routing_key(service: str, instance: str) -> str:
         return f"hb.{service}.{instance}"
 
@@ -111,6 +115,16 @@ class Names:
     @property
     def outbox_pending_key(self) -> str:
         return f"{self.key_prefix}outbox:pending"
+
+    @property
+    def observers_key(self) -> str:
+        """Hash: aggregator -> "<newest probe applied, ms> <last seen, ms>" (the watermark)."""
+        return f"{self.key_prefix}observers"
+
+    @property
+    def observer_key(self) -> str:
+        """Hash: the observer's own state (ok/degraded, since, reason, last watermark)."""
+        return f"{self.key_prefix}observer"
 
     @property
     def log_key(self) -> str:

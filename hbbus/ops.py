@@ -20,7 +20,7 @@ from hbbus.settings import Settings, redact
 from hbbus.store import Store
 from hbbus.wire import Heartbeat, decode_event
 
-STATES = ("alive", "dead", "left")
+STATES = ("alive", "suspect", "dead", "left")
 
 
 def topic_match(pattern: str, routing_key: str) -> bool:
@@ -81,6 +81,26 @@ async def status(
         for r in rows
         if (service is None or r["service"] == service) and (state is None or r["state"] == state)
     ]
+
+
+async def observer(settings: Settings) -> dict[str, Any]:
+    """The observer's own health (see Store.observer)."""
+    async with open_store(settings) as store:
+        return await store.observer()
+
+
+def observer_line(obs: dict[str, Any]) -> str:
+    """One line on the observer's health, for the top of `hbbus status`."""
+    live = len(obs["aggregators"])
+    if obs["state"] == "degraded":
+        for_s = (obs["now_ms"] - obs["since_ms"]) / 1000
+        return f"observer: DEGRADED for {for_s:.1f}s — {obs['reason']}"
+    if not live:
+        return "observer: no aggregator running — nobody is judged until one catches up"
+    return (
+        f"observer: ok — watermark {obs['lag_ms']} ms behind, "
+        f"{live} aggregator{'s' if live != 1 else ''}"
+    )
 
 
 async def show(
@@ -195,6 +215,12 @@ async def _doctor_redis(settings: Settings, report: DoctorReport) -> None:
                 f"this host's clock is {offset:+.0f} ms from Redis time (rtt {t1 - t0:.1f} ms); "
                 "liveness uses Redis time only",
                 warning=True,
+            )
+            obs = await store.observer()
+            report.add(
+                "observer",
+                obs["state"] != "degraded" and bool(obs["aggregators"]),
+                observer_line(obs),
             )
             records = await store.records()
             states = {s: sum(1 for r in records if r.get("state") == s) for s in STATES}

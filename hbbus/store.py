@@ -17,6 +17,7 @@ Key layout (``P`` = ``{<ns>}:``, see :mod:`hbbus.names`):
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +42,21 @@ def _script(name: str) -> str:
 @dataclass(frozen=True)
 class StoreConfig:
     """Timing of the store. ``lease_ms``: how long a claimed event may stay unpublished before
-    another reaper publishes it; ``retention_ms``: how long a dead or left record is kept."""
+    another reaper publishes it; ``retention_ms``: how long a dead or left record is kept;
+    the observer settings: see DESIGN.md section 6.3 and the README."""
 
     lease_ms: int = 5_000
     retention_ms: int = 24 * 3600 * 1000
     log_maxlen: int = 10_000
     history_len: int = 20
+    #: an aggregator not heard from for this long no longer holds the watermark back
+    observer_ttl_ms: int = 1_000
+    #: the watermark lagging more than this makes the observer degraded
+    degraded_after_ms: int = 2_000
+    #: after the observer recovers, instances not heard since get max(ttl, grace) more
+    grace_ms: int = 6_000
+    #: after Redis lost its data, `joined` events are marked as a resync for this long
+    resync_ms: int = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +101,7 @@ class Store:
         self._ingest = redis.register_script(_script("ingest.lua"))
         self._claim = redis.register_script(_script("claim.lua"))
         self._finalize = redis.register_script(_script("finalize.lua"))
+        self.epoch = ""  # the store epoch this client saw last (see ingest.lua)
         c = self.config
         self._keys = [
             names.deadlines_key,
@@ -100,6 +111,8 @@ class Store:
             names.outbox_lease_key,
             names.outbox_pending_key,
             names.log_key,
+            names.observers_key,
+            names.observer_key,
         ]
         self._common: list[Any] = [
             names.key_prefix,
@@ -107,6 +120,9 @@ class Store:
             c.retention_ms,
             c.log_maxlen,
             c.history_len,
+            c.observer_ttl_ms,
+            c.degraded_after_ms,
+            c.grace_ms,
         ]
 
     @classmethod
@@ -126,13 +142,19 @@ class Store:
 
     # -- the hot path ------------------------------------------------------------------------
     async def ingest(
-        self, beats: Sequence[tuple[Heartbeat, int, int]]
+        self,
+        beats: Sequence[tuple[Heartbeat, int, int]],
+        aggregator: str = "",
+        probe_ms: int = 0,
     ) -> tuple[int, list[OutEvent]]:
-        """Apply heartbeats, each with its clamped ``(interval_ms, ttl_ms)``, in one Lua call.
+        """Apply heartbeats, each with its clamped ``(interval_ms, ttl_ms)``, in one Lua call,
+        and record that ``aggregator`` has applied everything it was handed before the probe
+        stamped ``probe_ms`` (0: no probe in this batch; a first call registers it; no
+        ``aggregator``: a tool, not an observer).
 
         Returns the number of stale heartbeats ignored and the events of the transitions made.
         """
-        args: list[Any] = [*self._common, len(beats)]
+        args: list[Any] = [*self._common, aggregator, probe_ms, len(beats)]
         for beat, interval_ms, ttl_ms in beats:
             args += (
                 beat.service,
@@ -145,8 +167,10 @@ class Store:
                 beat.status,
                 orjson.dumps(beat.meta),
             )
+        args += (self.epoch, secrets.token_hex(8), self.config.resync_ms)
         reply = await self._ingest(keys=self._keys, args=args)
-        return int(reply[0]), _events(reply[1:])
+        self.epoch = reply[1]
+        return int(reply[0]), _events(reply[2:])
 
     async def claim(self, limit: int = 1000) -> ClaimResult:
         """Claim due transitions and expired outbox leases (the reaper's step)."""
@@ -165,6 +189,35 @@ class Store:
         ids = list(event_ids)
         if ids:
             await self._finalize(keys=self._keys, args=[*self._common, "release", *ids])
+
+    async def unregister(self, aggregator: str) -> None:
+        """An aggregator that stops cleanly no longer holds the watermark back."""
+        await self.redis.hdel(self.names.observers_key, aggregator)
+
+    async def observer(self) -> dict[str, Any]:
+        """The observer's health: state, since, reason, watermark lag, live aggregators."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.names.observer_key)
+            pipe.hgetall(self.names.observers_key)
+            pipe.time()
+            state, entries, (sec, usec) = await pipe.execute()
+        now_ms = int(sec) * 1000 + int(usec) // 1000
+        aggregators = {}
+        for name, value in entries.items():
+            probe_ms, seen_ms = (int(x) for x in value.split())
+            aggregators[name] = {
+                "behind_ms": now_ms - probe_ms if probe_ms else None,
+                "seen_ms_ago": now_ms - seen_ms,
+            }
+        last_wm = int(state.get("last_wm", now_ms))
+        return {
+            "state": state.get("state", "ok"),
+            "since_ms": int(state.get("since", 0)),
+            "reason": state.get("reason", ""),
+            "lag_ms": now_ms - last_wm,
+            "now_ms": now_ms,
+            "aggregators": aggregators,
+        }
 
     # -- counters ----------------------------------------------------------------------------
     async def count(self, counts: dict[str, int]) -> None:

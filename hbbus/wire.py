@@ -24,7 +24,10 @@ from hbbus.settings import NAME_RE
 WIRE_VERSION = 1
 MAX_MESSAGE_BYTES = 8 * 1024
 STATUSES = frozenset({"ok", "degraded", "draining", "left"})
-EVENT_KINDS = frozenset({"joined", "dead", "recovered", "restarted", "left"})
+EVENT_KINDS = frozenset(
+    {"joined", "suspect", "alive", "dead", "recovered", "restarted", "left"}
+    | {"observer.degraded", "observer.recovered"}
+)
 INVALID_REASONS = ("oversized", "malformed", "version", "schema", "name", "routing-key")
 
 MAX_INT = 2**53  # exact in a double: Redis Lua compares numbers as doubles
@@ -147,9 +150,13 @@ class Event:
     prev: str
     meta: dict[str, Any]
     raw: bytes = b""
+    #: a `joined` that only rebuilds state after Redis lost its data
+    resync: bool = False
 
     @property
     def routing_key(self) -> str:
+        if self.kind.startswith("observer."):
+            return self.kind
         return Names.event_routing_key(self.kind, self.service, self.instance)
 
     @property
@@ -158,7 +165,7 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         doc = orjson.loads(self.raw) if self.raw else {}
-        return doc if doc else {k: getattr(self, k) for k in self.__slots__ if k != "raw"}
+        return doc if doc else {k: getattr(self, k) for k in self.__slots__ if k != "raw"}  # type: ignore[attr-defined]
 
 
 _EVENT_STR = ("id", "kind", "service", "instance", "incarnation", "prev")
@@ -190,4 +197,20 @@ def decode_event(body: bytes | str) -> Event:
         prev=doc["prev"],
         meta=meta if isinstance(meta, dict) else {},
         raw=raw,
+        resync=doc.get("resync") is True,
     )
+
+
+def encode_probe(aggregator: str, stamp_ms: int) -> bytes:
+    """A watermark probe: sent by an aggregator through the heartbeat queue, stamped with
+    (its estimate of) Redis time."""
+    return orjson.dumps({"v": WIRE_VERSION, "probe": aggregator, "t": stamp_ms})
+
+
+def decode_probe(body: bytes) -> int:
+    """The stamp of a probe; InvalidMessage when it is not one."""
+    doc = _load_object(body, 1024)
+    stamp = doc.get("t")
+    if type(stamp) is not int or not 0 < stamp <= MAX_INT or not isinstance(doc.get("probe"), str):
+        raise InvalidMessage("schema", "a probe needs a string 'probe' and an integer 't'")
+    return stamp

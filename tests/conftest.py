@@ -9,16 +9,17 @@ import secrets
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from hbbus.workers.aggregator import Aggregator, AggregatorConfig
 
 from hbbus.settings import Settings
 from hbbus.store import StoreConfig
+from hbbus.workers.aggregator import Aggregator, AggregatorConfig
 from tests.helpers import EventSink, drop_namespace
+from tests.servers import PrivateRabbit, PrivateRedis
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -162,3 +163,26 @@ async def sink(settings: Settings) -> AsyncIterator[EventSink]:
     s = await EventSink(settings).start()
     yield s
     await s.close()
+
+
+@pytest.fixture(scope="module")
+def private_rabbit() -> Iterator[PrivateRabbit]:
+    """A RabbitMQ node of this module's own, on a free port (about 5 s to start)."""
+    require(shutil.which("rabbitmq-server") is not None, "rabbitmq-server")
+    rabbit = PrivateRabbit()
+    try:
+        rabbit.start()
+    except BaseException:
+        rabbit.stop()
+        raise
+    yield rabbit
+    rabbit.stop()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of this test's own, on a free port, that the test may kill."""
+    require(shutil.which("redis-server") is not None, "redis-server")
+    server = PrivateRedis().start()
+    yield server
+    server.stop()

@@ -38,9 +38,10 @@ async def wait_until(
 class EventSink:
     """Every event published in a namespace, as it arrives (an exclusive queue bound to '#')."""
 
-    def __init__(self, settings: Settings, pattern: str = "#") -> None:
+    def __init__(self, settings: Settings, pattern: str = "#", queue: str | None = None) -> None:
         self.settings = settings
         self.pattern = pattern
+        self.queue = queue  # a durable queue of this name survives a broker restart
         self.events: list[dict[str, Any]] = []
         self.arrivals: list[float] = []
         self._connection: aio_pika.abc.AbstractConnection | None = None
@@ -49,10 +50,19 @@ class EventSink:
         self._connection = await connect(self.settings, "test-event-sink", robust=False)
         channel = await self._connection.channel()
         exchange = await declare_events(channel, Names(self.settings.namespace))
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        if self.queue is None:
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        else:
+            queue = await channel.declare_queue(self.queue, durable=True)
         await queue.bind(exchange, self.pattern)
         await queue.consume(self._on_message, no_ack=True)
         return self
+
+    async def reconnect(self) -> EventSink:
+        """After a broker restart (durable queue only): consume again."""
+        with contextlib.suppress(Exception):
+            await self.close()
+        return await self.start()
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self.events.append(orjson.loads(message.body))

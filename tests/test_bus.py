@@ -89,7 +89,8 @@ async def test_killed_between_claim_and_publish_loses_nothing(settings, aggregat
         now_ms = int(time.time() * 1000)
         one = Heartbeat("db", "db-1", "inc-a", 1, 100, 2, now_ms, "ok", {"role": "primary"})
         two = Heartbeat("db", "db-2", "inc-b", 1, 100, 2, now_ms, "ok", {"role": "replica"})
-        _, joined = await store.ingest([(one, 100, 200), (two, 100, 200)])
+        # a worker that had caught up with the heartbeat queue (its probe stamped far ahead)
+        _, joined = await store.ingest([(one, 100, 200), (two, 100, 200)], "dying", 2**50)
         await store.finalize([e.id for e in joined if e.routing_key == "joined.db.db-1"])
         # db-2's `joined` stays claimed by an "ingest that died"; now a "reaper" claims db-1's
         # death and dies too

@@ -11,10 +11,9 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
@@ -25,25 +24,10 @@ from hbbus.client import Heartbeater, SyncHeartbeater
 from hbbus.names import Names
 from hbbus.settings import Settings
 from hbbus.wire import Heartbeat, decode_heartbeat
-from tests.conftest import require
 from tests.helpers import wait_until
-from tests.servers import PrivateRabbit, free_port
+from tests.servers import free_port
 
 INTERVAL_S = 0.1
-
-
-@pytest.fixture(scope="module")
-def private_rabbit() -> Iterator[PrivateRabbit]:
-    """A RabbitMQ node of this module's own, on a free port (about 5 s to start)."""
-    require(shutil.which("rabbitmq-server") is not None, "rabbitmq-server")
-    rabbit = PrivateRabbit()
-    try:
-        rabbit.start()
-    except BaseException:
-        rabbit.stop()
-        raise
-    yield rabbit
-    rabbit.stop()
 
 
 class Reader:

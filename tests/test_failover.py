@@ -9,13 +9,13 @@ import os
 import aio_pika
 import orjson
 import pytest
-from hbbus.workers.failover_runner import exec_consumer
 
 from hbbus.amqp import connect, declare_events
 from hbbus.client import Heartbeater
 from hbbus.errors import PermanentFailure
 from hbbus.failover import FailoverConsumer, RetryPolicy, dlq_messages
 from hbbus.names import Names
+from hbbus.workers.failover_runner import exec_consumer
 from tests.helpers import wait_until
 
 FAST_RETRY = RetryPolicy(max_retries=3, base_s=0.05, max_s=0.2)

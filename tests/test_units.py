@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from hbbus.cli.main import parse_meta
-from hbbus.workers.aggregator import AggregatorConfig, coalesce
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hbbus.cli.main import parse_meta
 from hbbus.errors import ConfigError, InvalidMessage
 from hbbus.failover import RetryPolicy
 from hbbus.names import Names, split_instance_id
 from hbbus.ops import topic_match
 from hbbus.settings import Settings, redact
 from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_event, decode_heartbeat
+from hbbus.workers.aggregator import AggregatorConfig, coalesce
 
 names = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
 json_scalars = st.one_of(

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,13 +29,13 @@ from aiormq.abc import FieldValue
 from redis.exceptions import RedisError
 
 from hbbus import metrics
-from hbbus.amqp import AMQP_ERRORS, connect, declare_events, declare_ingest
+from hbbus.amqp import AMQP_ERRORS, connect, declare_events, declare_heartbeats, declare_ingest
 from hbbus.errors import InvalidMessage
 from hbbus.names import Names
 from hbbus.runtime import sleep_or_stop, stop_reason
 from hbbus.settings import Settings
 from hbbus.store import OutEvent, Store, StoreConfig
-from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_heartbeat
+from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_heartbeat, decode_probe, encode_probe
 
 log = logging.getLogger("hbbus.aggregator")
 REDIS_ERRORS = (RedisError, OSError)
@@ -52,6 +53,8 @@ class AggregatorConfig:
     max_lua_batch: int = 1000
     reaper_limit: int = 1000
     reaper_max_sleep_ms: int = 50
+    #: how often each aggregator sends a watermark probe through the heartbeat queue
+    probe_interval_ms: int = 50
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def clamp(self, beat: Heartbeat) -> tuple[int, int]:
@@ -70,6 +73,11 @@ def coalesce(beats: Sequence[Heartbeat]) -> list[Heartbeat]:
     return list(latest.values())
 
 
+def event_kind(routing_key: str) -> str:
+    """``dead.api.api-1`` -> ``dead``; ``observer.degraded`` stays as it is."""
+    return routing_key if routing_key.startswith("observer.") else routing_key.split(".", 1)[0]
+
+
 def worker_name(role: str) -> str:
     return f"hbbus-{role}@{socket.gethostname()}:{os.getpid()}"
 
@@ -86,7 +94,7 @@ class EventPublisher:
         message = aio_pika.Message(
             event.body.encode(),
             message_id=event.id,
-            type=event.routing_key.split(".", 1)[0],
+            type=event_kind(event.routing_key),
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
@@ -115,7 +123,7 @@ class EventPublisher:
         if done:
             await self.store.finalize(e.id for e in done)
             for event in done:
-                metrics.EVENTS.labels(event.routing_key.split(".", 1)[0]).inc()
+                metrics.EVENTS.labels(event_kind(event.routing_key)).inc()
             self.published += len(done)
         return len(done)
 
@@ -141,6 +149,7 @@ class Aggregator:
         self._queue: aio_pika.abc.AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self.redis_ok = True
+        self._clock_offset_ms = 0.0
 
     def __repr__(self) -> str:
         return f"Aggregator({self.name!r}, ns={self.settings.namespace!r})"
@@ -177,15 +186,22 @@ class Aggregator:
         self._pub_channel = await connection.channel(publisher_confirms=True)
         events = await declare_events(self._pub_channel, self.names)
         self.publisher = EventPublisher(events, store)
+        # registered before consuming: the watermark waits for us until our first probe
+        await store.ingest([], self.name, 0)
+        self._clock_offset_ms = await store.time_ms() - time.time() * 1000
+        heartbeats = await declare_heartbeats(consume_channel, self.names)
         ingest = asyncio.create_task(self._ingest_loop(store), name="hbbus-ingest")
         reaper = asyncio.create_task(self._reaper_loop(store), name="hbbus-reaper")
+        prober = asyncio.create_task(self._probe_loop(heartbeats), name="hbbus-probe")
         self._queue = queue
         self._consumer_tag = await queue.consume(self._on_message)
         log.info("aggregator %s consuming %s", self.name, queue.name)
         self.ready.set()
         stopped = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait([stopped, ingest, reaper], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [stopped, ingest, reaper, prober], return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             stopped.cancel()
             with contextlib.suppress(*AMQP_ERRORS):
@@ -193,8 +209,10 @@ class Aggregator:
                     await queue.cancel(self._consumer_tag)
             self._stopping.set()
             self._wake.set()
-            await asyncio.gather(ingest, reaper, return_exceptions=True)
-            for task in (ingest, reaper):
+            await asyncio.gather(ingest, reaper, prober, return_exceptions=True)
+            with contextlib.suppress(*REDIS_ERRORS):
+                await store.unregister(self.name)
+            for task in (ingest, reaper, prober):
                 if task.done() and not task.cancelled() and task.exception():
                     raise task.exception()  # type: ignore[misc]
 
@@ -217,12 +235,16 @@ class Aggregator:
     async def _process(self, store: Store, batch: list[AbstractIncomingMessage]) -> None:
         valid: list[Heartbeat] = []
         invalid: list[tuple[AbstractIncomingMessage, InvalidMessage]] = []
+        probe_ms = 0
         for message in batch:
             try:
-                valid.append(decode_heartbeat(message.body, message.routing_key))
+                if message.routing_key and message.routing_key.startswith("probe."):
+                    probe_ms = max(probe_ms, decode_probe(message.body))
+                else:
+                    valid.append(decode_heartbeat(message.body, message.routing_key))
             except InvalidMessage as exc:
                 invalid.append((message, exc))
-        if valid and not await self._apply(store, valid, batch[-1]):
+        if (valid or probe_ms) and not await self._apply(store, valid, probe_ms, batch[-1]):
             return  # Redis is away: the batch went back to the queue for the other aggregators
         parked = not invalid or await self._park(store, invalid)
         try:
@@ -236,14 +258,19 @@ class Aggregator:
             )
 
     async def _apply(
-        self, store: Store, valid: list[Heartbeat], last: AbstractIncomingMessage
+        self, store: Store, valid: list[Heartbeat], probe_ms: int, last: AbstractIncomingMessage
     ) -> bool:
-        """Apply valid heartbeats (in chunks of one Lua call each); False if Redis failed."""
+        """Apply valid heartbeats (in chunks of one Lua call each), then the batch's newest
+        probe (with the last chunk: the watermark moves only once all of them are in).
+        False if Redis failed."""
         beats = coalesce(valid)
         clamped = [(b, *self.config.clamp(b)) for b in beats]
+        size = self.config.max_lua_batch
+        chunks = [clamped[i : i + size] for i in range(0, len(clamped), size)] or [[]]
         try:
-            for i in range(0, len(clamped), self.config.max_lua_batch):
-                stale, events = await store.ingest(clamped[i : i + self.config.max_lua_batch])
+            for n, chunk in enumerate(chunks):
+                probe = probe_ms if n == len(chunks) - 1 else 0
+                stale, events = await store.ingest(chunk, self.name, probe)
                 self.counts["stale"] += stale
                 metrics.STALE.inc(stale)
                 if events:
@@ -324,6 +351,19 @@ class Aggregator:
         self.counts["events"] += await self.publisher.publish(events)
 
     # -- reaper ------------------------------------------------------------------------------
+    async def _probe_loop(self, heartbeats: AbstractExchange) -> None:
+        """Send a probe through the heartbeat queue every ``probe_interval_ms``, stamped with
+        Redis time (estimated from the reaper's last reading): when an aggregator has applied
+        it, every heartbeat published before the stamp has been applied (the watermark)."""
+        key = Names.probe_routing_key(self.name)
+        interval_s = self.config.probe_interval_ms / 1000
+        while not self._stopping.is_set():
+            stamp = int(time.time() * 1000 + self._clock_offset_ms)
+            message = aio_pika.Message(encode_probe(self.name, stamp))
+            with contextlib.suppress(*AMQP_ERRORS):  # no broker: no probe, the watermark waits
+                await heartbeats.publish(message, key, mandatory=False, timeout=interval_s * 4)
+            await sleep_or_stop(self._stopping, interval_s)
+
     async def _reaper_loop(self, store: Store) -> None:
         stop = self._stopping
         max_sleep_s = self.config.reaper_max_sleep_ms / 1000
@@ -333,6 +373,7 @@ class Aggregator:
                 continue
             try:
                 result = await store.claim(self.config.reaper_limit)
+                self._clock_offset_ms = result.now_ms - time.time() * 1000
                 if result.events:
                     await self._publish(result.events)
             except REDIS_ERRORS as exc:
@@ -342,6 +383,6 @@ class Aggregator:
             if len(result.events) >= self.config.reaper_limit:
                 continue
             sleep_s = max_sleep_s
-            if result.next_due_ms is not None:
-                sleep_s = min(max_sleep_s, max(0.001, (result.next_due_ms - result.now_ms) / 1000))
+            if result.next_due_ms is not None:  # a due deadline may wait for the watermark
+                sleep_s = min(max_sleep_s, max(0.01, (result.next_due_ms - result.now_ms) / 1000))
             await sleep_or_stop(stop, sleep_s)

@@ -1,16 +1,22 @@
 -- Shared prelude of the hbbus scripts (prepended by hbbus/store.py).
--- KEYS: deadlines, instances, outbox, outbox:body, outbox:lease, outbox:pending, log
+-- KEYS: deadlines, instances, outbox, outbox:body, outbox:lease, outbox:pending, log,
+--       observers (aggregator -> "probe_ms seen_ms"), observer (the observer's own state)
 -- ARGV[1] key prefix "{ns}:" (per-instance keys: same hash tag, same slot)
 -- ARGV[2] lease_ms   ARGV[3] retention_ms   ARGV[4] log max length   ARGV[5] history length
+-- ARGV[6] observer_ttl_ms   ARGV[7] degraded_after_ms   ARGV[8] grace_ms
+-- Script arguments start at ARGV[9].
 -- All times are Redis server time in milliseconds (DESIGN.md section 3).
 local P = ARGV[1]
 local LEASE = tonumber(ARGV[2])
 local RETENTION = tonumber(ARGV[3])
 local LOGMAX = tonumber(ARGV[4])
 local HISTLEN = tonumber(ARGV[5])
+local OBSERVER_TTL = tonumber(ARGV[6])
+local DEGRADED_AFTER = tonumber(ARGV[7])
+local GRACE = tonumber(ARGV[8])
 local K_DEADLINES, K_INSTANCES = KEYS[1], KEYS[2]
 local K_OUTBOX, K_BODY, K_LEASE, K_PENDING = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local K_LOG = KEYS[7]
+local K_LOG, K_OBSERVERS, K_OBSERVER = KEYS[7], KEYS[8], KEYS[9]
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
@@ -24,11 +30,27 @@ local function claim_event(evid, rk, body)
   out[#out + 1] = body
 end
 
--- Record one transition: its event goes to the history (global stream and the instance's own
--- list) and to the outbox. If it is the instance's only pending event, the caller gets it to
--- publish now; else a reaper hands it out once the older ones are published. The caller
--- finalises after the broker confirmed; if it dies first, the lease runs out and any reaper
--- publishes the event again, with the same id.
+-- Put one event in the history and in the outbox. If it is its instance's only pending event,
+-- the caller gets it to publish now; else a reaper hands it out once the older ones are
+-- published. The caller finalises after the broker confirmed; if it dies first, the lease runs
+-- out and any reaper publishes the event again, with the same id.
+local function record_event(id, evid, ord, rk, body, hist)
+  redis.call('XADD', K_LOG, 'MAXLEN', '~', LOGMAX, '*', 'e', body)
+  if hist then
+    redis.call('LPUSH', hist, body)
+    redis.call('LTRIM', hist, 0, HISTLEN - 1)
+  end
+  redis.call('ZADD', K_OUTBOX, ord, evid)
+  redis.call('HSET', K_BODY, evid, id .. ' ' .. rk .. ' ' .. body)
+  if redis.call('HINCRBY', K_PENDING, id, 1) == 1 then
+    claim_event(evid, rk, body)
+  end
+end
+
+-- After Redis lost its data, the records rebuilt from arriving heartbeats say so.
+local RESYNC_UNTIL = tonumber(redis.call('HGET', K_OBSERVER, 'resync_until') or 0)
+
+-- A transition of one instance. ``rec`` holds the record's fields; rec.ord grows.
 local function emit(id, kind, prev, rec)
   local ord = math.max(NOW, (tonumber(rec.ord) or 0) + 1)
   rec.ord = ord
@@ -37,14 +59,17 @@ local function emit(id, kind, prev, rec)
   local body = '{"v":1,"id":"' .. evid .. '","kind":"' .. kind .. '","service":"' .. rec.svc
     .. '","instance":"' .. rec.inst .. '","incarnation":"' .. rec.inc .. '","seq":' .. rec.seq
     .. ',"ord":' .. ord .. ',"at_ms":' .. NOW .. ',"last_seen_ms":' .. rec.last
-    .. ',"ttl_ms":' .. rec.ttl .. ',"prev":"' .. prev .. '","meta":' .. rec.meta .. '}'
-  redis.call('XADD', K_LOG, 'MAXLEN', '~', LOGMAX, '*', 'e', body)
-  local hist = P .. 'hist:' .. id
-  redis.call('LPUSH', hist, body)
-  redis.call('LTRIM', hist, 0, HISTLEN - 1)
-  redis.call('ZADD', K_OUTBOX, ord, evid)
-  redis.call('HSET', K_BODY, evid, id .. ' ' .. rk .. ' ' .. body)
-  if redis.call('HINCRBY', K_PENDING, id, 1) == 1 then
-    claim_event(evid, rk, body)
-  end
+    .. ',"ttl_ms":' .. rec.ttl .. ',"prev":"' .. prev .. '","meta":' .. rec.meta
+  if kind == 'joined' and NOW < RESYNC_UNTIL then body = body .. ',"resync":true' end
+  body = body .. '}'
+  record_event(id, evid, ord, rk, body, P .. 'hist:' .. id)
+end
+
+-- When the instance is next due: suspect half an interval after a missed heartbeat (if that
+-- comes before the TTL), else dead at the TTL.
+local function next_due(state, last, ivl, ttl)
+  local suspect_at = last + math.floor(tonumber(ivl) * 1.5)
+  local dead_at = last + tonumber(ttl)
+  if state == 'alive' and suspect_at < dead_at then return suspect_at end
+  return dead_at
 end

@@ -1,11 +1,30 @@
--- Apply one batch of heartbeats. ARGV[6] = n, then 9 values per heartbeat:
+-- Apply one batch of heartbeats. ARGV[9] aggregator id ('': not an aggregator), ARGV[10] newest probe stamp in the
+-- batch (0: none), ARGV[11] = n, then 9 values per heartbeat:
 -- service, instance, incarnation, seq, interval_ms, ttl_ms, sent_ms, status, meta (JSON).
 -- A seq not above the stored one of the same incarnation is stale and ignored; a heartbeat of
 -- the incarnation before the current one is stale too (reordering between aggregators).
 -- seq 0 means "unordered" (one-shot senders such as `hbbus send` from cron): always applied.
--- Returns {stale_count, evid, routing_key, body, ...} for the events to publish now.
-local n = tonumber(ARGV[6])
+-- After the batch, the aggregator's watermark entry becomes "probe seen": every heartbeat it
+-- was handed before that probe is now applied. A new aggregator registers with probe 0.
+-- After the heartbeats: the epoch the aggregator saw last ('' at first), a fresh one to use if
+-- Redis has none, and how long a resync lasts (ms).
+-- Returns {stale_count, epoch, evid, routing_key, body, ...} for the events to publish now.
+local agg, probe, n = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
 local stale = 0
+
+-- The store's epoch: a random id kept in Redis. If it is gone while the aggregator had seen
+-- one, Redis lost its data (a restart without persistence, a flush): for a while, instances
+-- that reappear are a resync, not news, and their `joined` events say so.
+local epoch_key, seen_epoch, fresh_epoch = P .. 'epoch', ARGV[12 + n * 9], ARGV[13 + n * 9]
+local epoch = redis.call('GET', epoch_key)
+if not epoch then
+  epoch = fresh_epoch
+  redis.call('SET', epoch_key, epoch)
+  if seen_epoch ~= '' then
+    RESYNC_UNTIL = NOW + tonumber(ARGV[14 + n * 9])
+    redis.call('HSET', K_OBSERVER, 'resync_until', RESYNC_UNTIL, 'resynced_at', NOW)
+  end
+end
 
 local function verdict(state, cinc, cseq, pinc, inc, seq, st)
   if not state then
@@ -14,18 +33,19 @@ local function verdict(state, cinc, cseq, pinc, inc, seq, st)
   end
   if inc ~= cinc then
     if inc == pinc then return false, false, false end
-    if state == 'alive' then return true, 'restarted', true end
+    if state == 'alive' or state == 'suspect' then return true, 'restarted', true end
     if state == 'dead' then return true, 'recovered', true end
     return true, 'joined', true
   end
   if tonumber(seq) <= tonumber(cseq) and seq ~= '0' then return false, false, false end
   if state == 'dead' then return true, 'recovered', false end
+  if state == 'suspect' then return true, 'alive', false end
   if state == 'left' then return true, 'joined', false end
   return true, false, false
 end
 
 for i = 0, n - 1 do
-  local b = 7 + i * 9
+  local b = 12 + i * 9
   local svc, inst, inc, seq = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
   local ivl, ttl, sent, st, meta = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8]
   local id = svc .. '/' .. inst
@@ -64,12 +84,23 @@ for i = 0, n - 1 do
     redis.call('HSET', rkey, unpack(fields))
     if newstate == 'alive' then
       redis.call('SET', P .. 'alive:' .. id, '1', 'PX', ttl)
-      redis.call('ZADD', K_DEADLINES, NOW + tonumber(ttl), id)
+      redis.call('ZADD', K_DEADLINES, next_due('alive', NOW, ivl, ttl), id)
     else
       redis.call('DEL', P .. 'alive:' .. id)
       redis.call('ZADD', K_DEADLINES, NOW + RETENTION, id)
     end
   end
 end
+
+if agg ~= '' then
+  local entry = redis.call('HGET', K_OBSERVERS, agg)
+  local seen_probe = 0
+  if entry then
+    seen_probe = tonumber(string.sub(entry, 1, string.find(entry, ' ', 1, true) - 1))
+  end
+  redis.call('HSET', K_OBSERVERS, agg, math.max(seen_probe, probe) .. ' ' .. NOW)
+end
+
+table.insert(out, 1, epoch)
 table.insert(out, 1, stale)
 return out

@@ -1,0 +1,163 @@
+"""The observer guards itself (issue 3, first part): suspect before dead, the watermark,
+observer.degraded / observer.recovered, the grace period, and a Redis that lost its data.
+Each test uses its own namespace; servers that must fail are the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import aio_pika
+
+from hbbus.amqp import connect, declare_heartbeats
+from hbbus.client import Heartbeater
+from hbbus.names import Names
+from hbbus.store import StoreConfig
+from hbbus.wire import Heartbeat
+from hbbus.workers.aggregator import AggregatorConfig
+from tests.conftest import FAST
+from tests.helpers import EventSink, drop_namespace
+
+# TTL 1.5 s; the observer is degraded after 2 s of watermark lag (the default)
+INTERVAL_S, MISSES = 0.5, 3
+TTL_S = INTERVAL_S * MISSES
+
+
+async def start_fleet(settings, n, service="fleet"):
+    beaters = [
+        Heartbeater(
+            service,
+            f"{service}-{i}",
+            interval_s=INTERVAL_S,
+            misses=MISSES,
+            settings=settings,
+            max_backoff_s=1.0,
+        )
+        for i in range(n)
+    ]
+    await asyncio.gather(*(b.start() for b in beaters))
+    return beaters
+
+
+async def publish_beat(settings, seq, inc="inc-1", instance="s-1"):
+    connection = await connect(settings, "test-beat", robust=False)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await declare_heartbeats(channel, Names(settings.namespace))
+        beat = Heartbeat("sus", instance, inc, seq, 200, 4, 0, "ok", {})
+        await exchange.publish(aio_pika.Message(beat.encode()), beat.routing_key)
+
+
+async def test_suspect_before_dead_and_back_to_alive(settings, aggregators, sink):
+    await aggregators(1)
+    await publish_beat(settings, 1)
+    await sink.wait_for("joined", "s-1")
+    suspect = await sink.wait_for("suspect", "s-1", timeout_s=5)
+    silent = suspect[0]["at_ms"] - suspect[0]["last_seen_ms"]
+    assert 300 <= silent < 800, f"suspect after {silent} ms (interval 200, ttl 800)"
+    await publish_beat(settings, 2)
+    alive = await sink.wait_for("alive", "s-1")
+    assert alive[0]["prev"] == "suspect"
+    dead = await sink.wait_for("dead", "s-1", timeout_s=5)
+    assert dead[0]["prev"] == "suspect"
+    assert [e["kind"] for e in sink.of(instance="s-1")] == [
+        "joined",
+        "suspect",
+        "alive",
+        "suspect",
+        "dead",
+    ]
+
+
+async def test_stopped_aggregators_cause_no_false_deaths(settings, aggregators, sink):
+    """Backlog: all aggregators stop for 3x TTL while 50 instances keep heartbeating."""
+    first = await aggregators(2)
+    beaters = await start_fleet(settings, 50)
+    await sink.wait_for("joined", count=50, timeout_s=15)
+    for agg in first:
+        await agg.stop()
+    await asyncio.sleep(3 * TTL_S)  # the outage itself: nothing may be judged meanwhile
+    await aggregators(2)
+    await sink.wait_for("observer.recovered", timeout_s=15)
+    await asyncio.sleep(2 * TTL_S)  # and nothing may die after it either
+    assert sink.of("dead") == [] and sink.of("suspect") == []
+    assert len(sink.of("observer.degraded")) == 1 and len(sink.of("observer.recovered")) == 1
+    degraded = sink.of("observer.degraded")[0]
+    assert "expiries are held" in degraded["reason"]
+    # the fleet is still watched: one that really stops is reported, after its grace
+    await beaters[0].abort()
+    await sink.wait_for("dead", "fleet-0", timeout_s=15)
+    assert [e["instance"] for e in sink.of("dead")] == ["fleet-0"]
+    for b in beaters[1:]:
+        await b.stop()
+
+
+async def test_redis_restarted_empty_causes_no_false_deaths(
+    base_settings, private_redis, aggregators
+):
+    settings = base_settings.with_namespace(f"t-redis-empty-{secrets.token_hex(3)}")
+    settings = type(settings)(
+        amqp_url=settings.amqp_url, redis_url=private_redis.url, namespace=settings.namespace
+    )
+    sink = await EventSink(settings).start()
+    beaters = []
+    try:
+        await aggregators(2, s=settings)
+        beaters = await start_fleet(settings, 10, "db")
+        await sink.wait_for("joined", count=10, timeout_s=10)
+        private_redis.stop()
+        await asyncio.sleep(3 * TTL_S)
+        private_redis.start()  # empty: no persistence
+        rejoined = await sink.wait_for("joined", count=20, timeout_s=20)
+        await asyncio.sleep(2 * TTL_S)
+        assert sink.of("dead") == []
+        resynced = rejoined[10:]
+        assert sorted(e["instance"] for e in resynced) == sorted(b.instance for b in beaters)
+        assert all(e.get("resync") is True for e in resynced), "they say they come from a resync"
+        assert not any(e.get("resync") for e in rejoined[:10])
+    finally:
+        for b in beaters:
+            await b.stop()
+        await sink.close()
+        await drop_namespace(settings)
+
+
+async def test_broker_outage_causes_no_false_deaths_and_real_deaths_follow_the_grace(
+    base_settings, private_rabbit, aggregators
+):
+    """The broker stops for 3x TTL while clients keep trying; one instance really dies
+    meanwhile. After the broker returns: no false deaths, one degraded/recovered pair, and
+    the real death is reported after the grace period."""
+    ns = f"t-broker-outage-{secrets.token_hex(3)}"
+    settings = type(base_settings)(
+        amqp_url=private_rabbit.url, redis_url=base_settings.redis_url, namespace=ns
+    )
+    config = AggregatorConfig(
+        store=StoreConfig(lease_ms=1500, grace_ms=3000),
+        reaper_max_sleep_ms=FAST.reaper_max_sleep_ms,
+    )
+    sink = await EventSink(settings, queue=f"{ns}.test-sink").start()
+    beaters = []
+    try:
+        await aggregators(2, config=config, s=settings)
+        beaters = await start_fleet(settings, 10, "web")
+        await sink.wait_for("joined", count=10, timeout_s=10)
+        private_rabbit.stop_app()
+        await asyncio.sleep(0.5)
+        await beaters[0].abort()  # really dies during the outage
+        await asyncio.sleep(3 * TTL_S)
+        private_rabbit.start_app()
+        await sink.reconnect()
+        recovered = await sink.wait_for("observer.recovered", timeout_s=30)
+        dead = await sink.wait_for("dead", "web-0", timeout_s=20)
+        grace_end = recovered[0]["at_ms"] + 3000
+        assert dead[0]["at_ms"] >= grace_end - 5, "judged only after the grace period"
+        await asyncio.sleep(TTL_S)
+        assert [e["instance"] for e in sink.of("dead")] == ["web-0"]
+        assert len(sink.of("observer.degraded")) == 1
+        assert len(sink.of("observer.recovered")) == 1
+    finally:
+        for b in beaters[1:]:
+            await b.stop()
+        await sink.close()
+        await drop_namespace(settings, [f"{ns}.test-sink"])
