@@ -262,6 +262,20 @@ def send(
     help="serve Prometheus metrics on this port (0: off)",
 )
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True)
+@click.option(
+    "--degraded-after-ms",
+    type=click.IntRange(min=200),
+    default=2000,
+    show_default=True,
+    help="watermark lag after which the observer is degraded (all aggregators must agree)",
+)
+@click.option(
+    "--grace-ms",
+    type=click.IntRange(min=0),
+    default=6000,
+    show_default=True,
+    help="after the observer recovers, instances not heard since get max(TTL, this) more",
+)
 @verbose_option
 @click.pass_context
 def aggregator(
@@ -271,6 +285,8 @@ def aggregator(
     retention_s: int,
     metrics_port: int,
     metrics_addr: str,
+    degraded_after_ms: int,
+    grace_ms: int,
 ) -> None:
     """Run an aggregator: ingest heartbeats into Redis and publish transitions (until SIGTERM)."""
     from hbbus import metrics
@@ -278,9 +294,13 @@ def aggregator(
     from hbbus.workers.aggregator import Aggregator, AggregatorConfig
 
     worker_logging(ctx)
-    config = AggregatorConfig(
-        prefetch=prefetch, store=StoreConfig(lease_ms=lease_ms, retention_ms=retention_s * 1000)
+    store = StoreConfig(
+        lease_ms=lease_ms,
+        retention_ms=retention_s * 1000,
+        degraded_after_ms=degraded_after_ms,
+        grace_ms=grace_ms,
     )
+    config = AggregatorConfig(prefetch=prefetch, store=store)
 
     async def main() -> None:
         stop = asyncio.Event()
