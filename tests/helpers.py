@@ -14,6 +14,7 @@ import aio_pika
 import orjson
 
 from hbbus.amqp import connect, declare_events
+from hbbus.client import Heartbeater
 from hbbus.names import Names
 from hbbus.settings import Settings
 from hbbus.store import Store
@@ -143,3 +144,23 @@ def rabbit_objects(kind: str, namespace: str) -> list[str]:
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [line.strip() for line in out.splitlines() if line.strip().startswith(f"{namespace}.")]
+
+
+async def start_fleet(
+    settings: Settings, service: str, n: int, interval_s: float, misses: int, **kwargs: Any
+) -> list[Heartbeater]:
+    """``n`` started Heartbeaters ``<service>-0`` … with ``meta.endpoint`` 127.0.0.1:900N."""
+    beaters = [
+        Heartbeater(
+            service,
+            f"{service}-{i}",
+            interval_s=interval_s,
+            misses=misses,
+            settings=settings,
+            meta={"endpoint": f"127.0.0.1:{9000 + i}"},
+            **kwargs,
+        )
+        for i in range(n)
+    ]
+    await asyncio.gather(*(b.start() for b in beaters))
+    return beaters

@@ -12,7 +12,7 @@ from hbbus.settings import Settings
 from hbbus.store import Store
 from hbbus.wire import Heartbeat
 from tests.conftest import FAST
-from tests.helpers import EventSink, wait_until
+from tests.helpers import EventSink, start_fleet, wait_until
 
 INTERVAL_S = 0.2
 MISSES = 3
@@ -20,18 +20,7 @@ TTL_MS = round(INTERVAL_S * 1000) * MISSES
 
 
 async def fleet(settings: Settings, service: str, n: int) -> list[Heartbeater]:
-    beaters = [
-        Heartbeater(
-            service,
-            f"{service}-{i}",
-            interval_s=INTERVAL_S,
-            misses=MISSES,
-            settings=settings,
-            meta={"endpoint": f"127.0.0.1:{9000 + i}"},
-        )
-        for i in range(n)
-    ]
-    await asyncio.gather(*(b.start() for b in beaters))
+    beaters = await start_fleet(settings, service, n, INTERVAL_S, MISSES)
     assert all(b.connected for b in beaters)
     return beaters
 

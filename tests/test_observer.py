@@ -10,33 +10,20 @@ import secrets
 import aio_pika
 
 from hbbus.amqp import connect, declare_heartbeats
-from hbbus.client import Heartbeater
 from hbbus.names import Names
 from hbbus.store import StoreConfig
 from hbbus.wire import Heartbeat
 from hbbus.workers.aggregator import AggregatorConfig
 from tests.conftest import FAST
-from tests.helpers import EventSink, drop_namespace
+from tests.helpers import EventSink, drop_namespace, start_fleet
 
 # TTL 1.5 s; the observer is degraded after 2 s of watermark lag (the default)
 INTERVAL_S, MISSES = 0.5, 3
 TTL_S = INTERVAL_S * MISSES
 
 
-async def start_fleet(settings, n, service="fleet"):
-    beaters = [
-        Heartbeater(
-            service,
-            f"{service}-{i}",
-            interval_s=INTERVAL_S,
-            misses=MISSES,
-            settings=settings,
-            max_backoff_s=1.0,
-        )
-        for i in range(n)
-    ]
-    await asyncio.gather(*(b.start() for b in beaters))
-    return beaters
+async def fleet(settings, n, service="fleet"):
+    return await start_fleet(settings, service, n, INTERVAL_S, MISSES, max_backoff_s=1.0)
 
 
 async def publish_beat(settings, seq, inc="inc-1", instance="s-1"):
@@ -72,7 +59,7 @@ async def test_suspect_before_dead_and_back_to_alive(settings, aggregators, sink
 async def test_stopped_aggregators_cause_no_false_deaths(settings, aggregators, sink):
     """Backlog: all aggregators stop for 3x TTL while 50 instances keep heartbeating."""
     first = await aggregators(2)
-    beaters = await start_fleet(settings, 50)
+    beaters = await fleet(settings, 50)
     await sink.wait_for("joined", count=50, timeout_s=15)
     for agg in first:
         await agg.stop()
@@ -103,7 +90,7 @@ async def test_redis_restarted_empty_causes_no_false_deaths(
     beaters = []
     try:
         await aggregators(2, s=settings)
-        beaters = await start_fleet(settings, 10, "db")
+        beaters = await fleet(settings, 10, "db")
         await sink.wait_for("joined", count=10, timeout_s=10)
         private_redis.stop()
         await asyncio.sleep(3 * TTL_S)
@@ -140,7 +127,7 @@ async def test_broker_outage_causes_no_false_deaths_and_real_deaths_follow_the_g
     beaters = []
     try:
         await aggregators(2, config=config, s=settings)
-        beaters = await start_fleet(settings, 10, "web")
+        beaters = await fleet(settings, 10, "web")
         await sink.wait_for("joined", count=10, timeout_s=10)
         private_rabbit.stop_app()
         await asyncio.sleep(0.5)
