@@ -172,9 +172,10 @@ class Store:
         self.epoch = reply[1]
         return int(reply[0]), _events(reply[2:])
 
-    async def claim(self, limit: int = 1000) -> ClaimResult:
-        """Claim due transitions and expired outbox leases (the reaper's step)."""
-        reply = await self._claim(keys=self._keys, args=[*self._common, limit])
+    async def claim(self, limit: int = 1000, aggregator: str = "") -> ClaimResult:
+        """Claim due transitions and expired outbox leases (the reaper's step); ``aggregator``
+        is the caller, alive even while its ingest waits."""
+        reply = await self._claim(keys=self._keys, args=[*self._common, limit, aggregator])
         nxt = int(reply[1])
         return ClaimResult(int(reply[0]), nxt if nxt >= 0 else None, _events(reply[2:]))
 

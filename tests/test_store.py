@@ -18,7 +18,13 @@ async def store(settings):
     await s.close()
 
 
-CAUGHT_UP = 2**50
+CAUGHT_UP = 2**50  # a probe stamp "from the future": the store caps it at Redis time
+
+
+async def claim(store):
+    """The reaper's step, as an aggregator "t" that has just applied a fresh probe."""
+    await store.ingest([], "t", CAUGHT_UP)
+    return await store.claim()
 
 
 def hb(seq, inc="i1", status="ok", inst="a", meta=None):
@@ -75,13 +81,13 @@ async def test_dead_recovered_left_and_purge(store):
 
 
 async def _claim_kind(store, kind):
-    result = await store.claim()
+    result = await claim(store)
     await store.finalize(e.id for e in result.events)
     return [e for e in result.events if e.routing_key.startswith(kind + ".")]
 
 
 async def _gone(store):
-    await store.claim()
+    await claim(store)
     return await store.record("svc", "a") is None
 
 
@@ -93,10 +99,10 @@ async def test_left_of_unknown_instance_creates_nothing(store):
 async def test_unpublished_event_is_claimed_again_with_same_id(store):
     _, events = await ingest(store, hb(1), publish=False)
     first = events[0]
-    result = await store.claim()
+    result = await claim(store)
     assert first.id not in [e.id for e in result.events]  # lease still held
     await asyncio.sleep(0.25)
-    result = await store.claim()
+    result = await claim(store)
     again = [e for e in result.events if e.id == first.id]
     assert again and again[0].body == first.body
     await store.finalize([first.id])
@@ -134,18 +140,18 @@ async def test_an_instance_events_are_handed_out_in_order(store):
     _, joined = await ingest(store, hb(1), publish=False)
     _, restarted = await ingest(store, hb(1, "i2"), publish=False)
     assert restarted == [], "held back behind the unpublished `joined`"
-    assert (await store.claim()).events == []  # `joined` is leased; `restarted` must wait
+    assert (await claim(store)).events == []  # `joined` is leased; `restarted` must wait
     await store.finalize([joined[0].id])
-    handed = (await store.claim()).events
+    handed = (await claim(store)).events
     assert kinds(handed) == ["restarted"]
     # a publish that failed is released: handed out again at once, same id, before newer ones
     await store.release([handed[0].id])
     _, left = await ingest(store, hb(2, "i2", status="left"), publish=False)
     assert left == []
-    again = (await store.claim()).events
+    again = (await claim(store)).events
     assert [e.id for e in again] == [handed[0].id]
     await store.finalize([handed[0].id])
-    assert kinds((await store.claim()).events) == ["left"]
+    assert kinds((await claim(store)).events) == ["left"]
     # other instances are not held up by this one
     _, other = await ingest(store, hb(1, inst="b"), publish=False)
     assert kinds(other) == ["joined"]
@@ -166,3 +172,28 @@ async def test_seq_zero_is_an_unordered_sender(store):
     stale, _ = await ingest(store, hb(0, "oneshot"))
     assert stale == 0
     assert (await store.record("svc", "a"))["state"] == "alive"
+
+
+async def test_the_watermark_holds_verdicts_and_never_runs_ahead(store):
+    await ingest(store, hb(1))
+    await asyncio.sleep(0.3)  # past suspect (150 ms) and dead (200 ms)
+    # a registered aggregator that has not applied a probe yet holds every verdict
+    await store.ingest([], "late", 0)
+    assert (await store.claim()).events == []
+    # a probe from the future is capped at Redis time: it cannot vouch for what comes later
+    await store.ingest([], "late", 2**52)
+    entry = await store.redis.hget(store.names.observers_key, "late")
+    stamp, seen = (int(x) for x in entry.split())
+    assert stamp <= seen
+    obs = await store.observer()
+    assert obs["aggregators"]["late"]["behind_ms"] >= 0
+    assert kinds(await _claim_kind(store, "dead")) == ["dead"]
+
+
+async def test_a_recreated_epoch_is_a_resync(store):
+    await ingest(store, hb(1))
+    await store.redis.delete(store.names.key_prefix + "epoch", store.names.record_key("svc", "a"))
+    other = Store(store.redis, store.names, store.config)  # another client re-creates it first
+    await other.ingest([], "other", 0)
+    _, events = await ingest(store, hb(2, inst="b"))
+    assert '"resync":true' in events[0].body

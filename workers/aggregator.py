@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import time
 from collections import Counter
@@ -79,7 +80,8 @@ def event_kind(routing_key: str) -> str:
 
 
 def worker_name(role: str) -> str:
-    return f"hbbus-{role}@{socket.gethostname()}:{os.getpid()}"
+    # random suffix: two containers on one host can both be pid 1
+    return f"hbbus-{role}@{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class EventPublisher:
@@ -308,6 +310,8 @@ class Aggregator:
         self.redis_ok = True
         log.warning("Redis is back: ingest resumes")
         if self._queue is not None:
+            with contextlib.suppress(*REDIS_ERRORS):  # hold the watermark before consuming again
+                await store.ingest([], self.name, 0)
             self._consumer_tag = await self._queue.consume(self._on_message)
 
     async def _park(
@@ -372,7 +376,7 @@ class Aggregator:
                 await sleep_or_stop(stop, 0.1)
                 continue
             try:
-                result = await store.claim(self.config.reaper_limit)
+                result = await store.claim(self.config.reaper_limit, self.name)
                 self._clock_offset_ms = result.now_ms - time.time() * 1000
                 if result.events:
                     await self._publish(result.events)
@@ -383,6 +387,7 @@ class Aggregator:
             if len(result.events) >= self.config.reaper_limit:
                 continue
             sleep_s = max_sleep_s
-            if result.next_due_ms is not None:  # a due deadline may wait for the watermark
-                sleep_s = min(max_sleep_s, max(0.01, (result.next_due_ms - result.now_ms) / 1000))
+            if result.next_due_ms is not None and result.next_due_ms > result.now_ms:
+                sleep_s = min(max_sleep_s, max(0.005, (result.next_due_ms - result.now_ms) / 1000))
+            # (a deadline already past waits for the watermark: the full sleep, no busy loop)
             await sleep_or_stop(stop, sleep_s)

@@ -9,7 +9,7 @@
 -- 3. Due deadlines up to the watermark: alive -> suspect -> dead; dead or left records past
 --    their retention are purged; a deadline that moved (a heartbeat came) is re-filed.
 -- Returns {now_ms, next_deadline_ms or -1, evid, routing_key, body, ...}.
-local limit = tonumber(ARGV[9])
+local limit, me = tonumber(ARGV[9]), ARGV[10]
 
 local waiting = {}
 for _, evid in ipairs(redis.call('ZRANGE', K_OUTBOX, 0, limit - 1)) do
@@ -32,6 +32,15 @@ for _, evid in ipairs(redis.call('ZRANGE', K_OUTBOX, 0, limit - 1)) do
 end
 
 -- the watermark -------------------------------------------------------------------------------
+-- the calling aggregator is alive even while its ingest waits: it keeps holding the
+-- watermark at its last probe rather than dropping out with heartbeats in hand
+if me ~= '' then
+  local mine = redis.call('HGET', K_OBSERVERS, me)
+  if mine then
+    local sp = string.find(mine, ' ', 1, true)
+    redis.call('HSET', K_OBSERVERS, me, string.sub(mine, 1, sp - 1) .. ' ' .. string.format('%d', NOW))
+  end
+end
 local wm, live = nil, 0
 local entries = redis.call('HGETALL', K_OBSERVERS)
 for i = 1, #entries, 2 do
@@ -48,9 +57,9 @@ end
 if wm == 0 then wm = nil end  -- a live aggregator that has not caught up yet holds everything
 
 local obs = redis.call('HMGET', K_OBSERVER, 'state', 'since', 'last_wm', 'recovered_at')
-local last_wm = tonumber(obs[3]) or NOW  -- a new namespace starts caught up
-if wm and wm > last_wm then last_wm = wm end
-redis.call('HSET', K_OBSERVER, 'last_wm', last_wm, 'live', live)
+local last_wm = math.min(tonumber(obs[3]) or NOW, NOW)  -- a new namespace starts caught up
+if wm and wm > last_wm then last_wm = math.min(wm, NOW) end
+redis.call('HSET', K_OBSERVER, 'last_wm', string.format('%d', last_wm), 'live', live)
 local lag = NOW - last_wm
 local recovered_at = tonumber(obs[4]) or 0
 
@@ -77,7 +86,7 @@ if lag > DEGRADED_AFTER and obs[1] ~= 'degraded' then
     .. ' expiries are held'
   redis.call('HSET', K_OBSERVER, 'state', 'degraded', 'since', NOW, 'reason', reason)
   observer_event('observer.degraded', 'ok', reason, '')
-elseif lag <= DEGRADED_AFTER and obs[1] == 'degraded' then
+elseif lag <= DEGRADED_AFTER / 2 and obs[1] == 'degraded' then  -- hysteresis: no flapping
   local down = NOW - tonumber(obs[2])
   recovered_at = NOW
   redis.call('HSET', K_OBSERVER, 'state', 'ok', 'since', NOW, 'recovered_at', NOW,

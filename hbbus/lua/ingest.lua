@@ -20,10 +20,11 @@ local epoch = redis.call('GET', epoch_key)
 if not epoch then
   epoch = fresh_epoch
   redis.call('SET', epoch_key, epoch)
-  if seen_epoch ~= '' then
-    RESYNC_UNTIL = NOW + tonumber(ARGV[14 + n * 9])
-    redis.call('HSET', K_OBSERVER, 'resync_until', RESYNC_UNTIL, 'resynced_at', NOW)
-  end
+end
+if seen_epoch ~= '' and seen_epoch ~= epoch and NOW >= RESYNC_UNTIL then
+  -- gone, or re-created by another client since we saw it: the data was lost
+  RESYNC_UNTIL = NOW + tonumber(ARGV[14 + n * 9])
+  redis.call('HSET', K_OBSERVER, 'resync_until', RESYNC_UNTIL, 'resynced_at', NOW)
 end
 
 local function verdict(state, cinc, cseq, pinc, inc, seq, st)
@@ -98,7 +99,9 @@ if agg ~= '' then
   if entry then
     seen_probe = tonumber(string.sub(entry, 1, string.find(entry, ' ', 1, true) - 1))
   end
-  redis.call('HSET', K_OBSERVERS, agg, math.max(seen_probe, probe) .. ' ' .. NOW)
+  -- a probe can never vouch for the future (a clock step, a forged probe)
+  local stamp = math.min(math.max(seen_probe, probe), NOW)
+  redis.call('HSET', K_OBSERVERS, agg, string.format('%d %d', stamp, NOW))
 end
 
 table.insert(out, 1, epoch)
