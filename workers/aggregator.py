@@ -387,7 +387,10 @@ class Aggregator:
             if len(result.events) >= self.config.reaper_limit:
                 continue
             sleep_s = max_sleep_s
-            if result.next_due_ms is not None and result.next_due_ms > result.now_ms:
-                sleep_s = min(max_sleep_s, max(0.005, (result.next_due_ms - result.now_ms) / 1000))
-            # (a deadline already past waits for the watermark: the full sleep, no busy loop)
+            if result.next_due_ms is not None:
+                wait_ms: float = result.next_due_ms - result.now_ms
+                # a deadline already past waits for the watermark, which moves with each probe:
+                # look again within the probe interval, not in a busy loop
+                wait_ms = wait_ms if wait_ms > 0 else self.config.probe_interval_ms / 2
+                sleep_s = min(max_sleep_s, max(0.005, wait_ms / 1000))
             await sleep_or_stop(stop, sleep_s)
