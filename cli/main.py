@@ -424,6 +424,8 @@ def status_table(rows: list[dict[str, Any]], title: str | None = None) -> Any:
         )
     for r in rows:
         state = r["state"] if r["status"] in ("ok", "left", "") else f"{r['state']} ({r['status']})"
+        if r.get("muted"):
+            state += " (maintenance)"
         table.add_row(
             r["service"],
             r["instance"],
@@ -545,6 +547,57 @@ def forget(ctx: click.Context, target: str) -> None:
     service, instance = split_instance_id(target)
     run_async(ops.forget(settings_of(ctx), service, instance))
     click.echo(f"forgot {service}/{instance}")
+
+
+@cli.group()
+def maintenance() -> None:
+    """Quiet `suspect` and `dead` events of a service or instance for a while."""
+
+
+def maintenance_target(target: str) -> str:
+    if "/" in target:
+        return "/".join(split_instance_id(target))
+    return check_name(target, "service")
+
+
+@maintenance.command("on")
+@click.argument("target", metavar="SERVICE[/INSTANCE]")
+@click.option("--for", "duration", required=True, help="how long: 90s, 30m, 2h, 1d")
+@click.option("--reason", required=True, help="why (shown in `hbbus maintenance list`)")
+@click.pass_context
+def maintenance_on(ctx: click.Context, target: str, duration: str, reason: str) -> None:
+    """Start a window: deaths are tracked and shown but not published; it ends by itself."""
+    target = maintenance_target(target)
+    until_ms = run_async(
+        ops.maintenance_on(settings_of(ctx), target, ops.parse_duration_ms(duration), reason)
+    )
+    until = datetime.fromtimestamp(until_ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    click.echo(f"maintenance on {target} until {until}: {reason}")
+
+
+@maintenance.command("off")
+@click.argument("target", metavar="SERVICE[/INSTANCE]")
+@click.pass_context
+def maintenance_off(ctx: click.Context, target: str) -> None:
+    """End a window early; deaths it kept quiet and that still hold are then published."""
+    target = maintenance_target(target)
+    run_async(ops.maintenance_off(settings_of(ctx), target))
+    click.echo(f"maintenance off {target}")
+
+
+@maintenance.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def maintenance_list(ctx: click.Context, as_json: bool) -> None:
+    """The open windows."""
+    windows = run_async(ops.maintenance_list(settings_of(ctx)))
+    if as_json:
+        click.echo(orjson.dumps(windows).decode())
+        return
+    for w in windows:
+        click.echo(f"{w['target']:<40} {fmt_age(w['left_ms'])} left  {w['reason']}")
+    if not windows:
+        click.echo("no maintenance window is open")
 
 
 @cli.command()

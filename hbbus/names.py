@@ -127,6 +127,11 @@ class Names:
         return f"{self.key_prefix}observer"
 
     @property
+    def maintenance_key(self) -> str:
+        """Hash: service or service/instance -> "<until ms> <reason>"."""
+        return f"{self.key_prefix}maintenance"
+
+    @property
     def log_key(self) -> str:
         return f"{self.key_prefix}log"
 

@@ -14,7 +14,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from hbbus.amqp import AMQP_ERRORS, connect, declare_events, declare_heartbeats
-from hbbus.errors import NotFound, Unavailable
+from hbbus.errors import ConfigError, NotFound, Unavailable
 from hbbus.names import Names
 from hbbus.settings import Settings, redact
 from hbbus.store import Store
@@ -67,6 +67,7 @@ def record_row(record: dict[str, str], now_ms: int) -> dict[str, Any]:
         "first_seen_ms": int(record.get("first", 0)),
         "since_ms": int(record.get("since", 0)),
         "meta": orjson.loads(record.get("meta", "{}")),
+        "muted": record.get("muted") == "1",
     }
 
 
@@ -101,6 +102,39 @@ def observer_line(obs: dict[str, Any]) -> str:
         f"observer: ok — watermark {obs['lag_ms']} ms behind, "
         f"{live} aggregator{'s' if live != 1 else ''}"
     )
+
+
+DURATION_UNITS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    """``90s``, ``30m``, ``2h``, ``1d`` (or a bare number of seconds) -> milliseconds."""
+    value, unit = (text[:-1], text[-1]) if text and text[-1] in DURATION_UNITS else (text, "s")
+    try:
+        ms = round(float(value) * DURATION_UNITS[unit])
+    except ValueError:
+        raise ConfigError(f"invalid duration {text!r}: use e.g. 90s, 30m, 2h, 1d") from None
+    if ms <= 0:
+        raise ConfigError(f"invalid duration {text!r}: it must be positive")
+    return ms
+
+
+async def maintenance_on(settings: Settings, target: str, duration_ms: int, reason: str) -> int:
+    async with open_store(settings) as store:
+        return await store.maintenance_on(target, duration_ms, reason)
+
+
+async def maintenance_off(settings: Settings, target: str) -> None:
+    async with open_store(settings) as store:
+        if not await store.maintenance_off(target):
+            raise NotFound(
+                f"no maintenance window for {target} in namespace {settings.namespace!r}"
+            )
+
+
+async def maintenance_list(settings: Settings) -> list[dict[str, Any]]:
+    async with open_store(settings) as store:
+        return await store.maintenance()
 
 
 async def show(

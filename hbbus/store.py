@@ -113,6 +113,7 @@ class Store:
             names.log_key,
             names.observers_key,
             names.observer_key,
+            names.maintenance_key,
         ]
         self._common: list[Any] = [
             names.key_prefix,
@@ -219,6 +220,51 @@ class Store:
             "now_ms": now_ms,
             "aggregators": aggregators,
         }
+
+    # -- maintenance -------------------------------------------------------------------------
+    async def maintenance_on(self, target: str, duration_ms: int, reason: str) -> int:
+        """Quiet `suspect`/`dead` for a service or service/instance until now + duration;
+        returns the end (Redis time, ms)."""
+        until_ms = await self.time_ms() + duration_ms
+        await self.redis.hset(self.names.maintenance_key, target, f"{until_ms} {reason}")
+        return until_ms
+
+    async def maintenance_off(self, target: str) -> bool:
+        """End a window early: deaths it kept quiet are announced by the next reaper step."""
+        ended = bool(await self.redis.hdel(self.names.maintenance_key, target))
+        now_ms = await self.time_ms()
+        quiet = [
+            r
+            for r in await self.records()
+            if r.get("muted") == "1" and target in (r["svc"], f"{r['svc']}/{r['inst']}")
+        ]
+        if quiet:
+            await self.redis.zadd(
+                self.names.deadlines_key, {f"{r['svc']}/{r['inst']}": now_ms for r in quiet}
+            )
+        return ended
+
+    async def maintenance(self) -> list[dict[str, Any]]:
+        """The windows still open; expired ones are removed."""
+        now_ms = await self.time_ms()
+        raw: dict[str, str] = await self.redis.hgetall(self.names.maintenance_key)  # type: ignore[assignment]
+        windows, expired = [], []
+        for target, value in sorted(raw.items()):
+            until_s, _, reason = value.partition(" ")
+            if int(until_s) <= now_ms:
+                expired.append(target)
+            else:
+                windows.append(
+                    {
+                        "target": target,
+                        "until_ms": int(until_s),
+                        "left_ms": int(until_s) - now_ms,
+                        "reason": reason,
+                    }
+                )
+        if expired:
+            await self.redis.hdel(self.names.maintenance_key, *expired)
+        return windows
 
     # -- counters ----------------------------------------------------------------------------
     async def count(self, counts: dict[str, int]) -> None:

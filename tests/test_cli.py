@@ -295,3 +295,20 @@ def test_doctor_healthy_and_unhealthy(settings, aggregator_process):
     result = invoke(settings, "doctor")
     assert result.exit_code == 1
     assert "[FAIL] aggregators: nobody consumes" in result.output
+
+
+def test_maintenance_commands(settings):
+    on = invoke(settings, "maintenance", "on", "db/db-1", "--for", "30m", "--reason", "disk")
+    assert on.exit_code == 0, on.output
+    assert on.output.startswith("maintenance on db/db-1 until ")
+    assert (
+        invoke(settings, "maintenance", "on", "api", "--for", "2h", "--reason", "x").exit_code == 0
+    )
+    listed = orjson.loads(invoke(settings, "maintenance", "list", "--json").output)
+    assert [w["target"] for w in listed] == ["api", "db/db-1"]
+    assert 29 * 60_000 < listed[1]["left_ms"] <= 30 * 60_000 and listed[1]["reason"] == "disk"
+    assert invoke(settings, "maintenance", "off", "db/db-1").exit_code == 0
+    missing = invoke(settings, "maintenance", "off", "db/db-1")
+    assert missing.exit_code == EXIT_NOT_FOUND and "no maintenance window" in missing.output
+    bad = invoke(settings, "maintenance", "on", "api", "--for", "soon", "--reason", "x")
+    assert bad.exit_code == 2 and "invalid duration 'soon'" in bad.output

@@ -197,3 +197,45 @@ async def test_a_recreated_epoch_is_a_resync(store):
     await other.ingest([], "other", 0)
     _, events = await ingest(store, hb(2, inst="b"))
     assert '"resync":true' in events[0].body
+
+
+async def test_maintenance_quiets_deaths_and_announces_them_when_it_ends(store):
+    await ingest(store, hb(1, inst="a"), hb(1, inst="b"))
+    until = await store.maintenance_on("svc", 60_000, "kernel upgrade")
+    assert until > 0 and [w["target"] for w in await store.maintenance()] == ["svc"]
+    await asyncio.sleep(0.3)
+    result = await claim(store)
+    assert result.events == [], "suspect and dead are not published under maintenance"
+    record = await store.record("svc", "a")
+    assert record["state"] == "dead" and record["muted"] == "1", "state is still tracked"
+    assert [h["kind"] for h in await store.history("svc", "a")] == ["dead", "joined"]
+    assert (await store.history("svc", "a"))[0]["muted"] is True
+    # b comes back during the window: quietly too
+    _, events = await ingest(store, hb(2, inst="b"))
+    assert events == [] and (await store.record("svc", "b"))["state"] == "alive"
+    # ending the window early announces a's death, which still holds
+    assert await store.maintenance_off("svc")
+    result = await claim(store)
+    dead = [e for e in result.events if e.routing_key == "dead.svc.a"]
+    assert len(dead) == 1 and '"prev":"maintenance"' in dead[0].body
+    await store.finalize(e.id for e in result.events)
+    assert not await store.maintenance_off("svc")
+    assert await store.maintenance() == []
+
+
+async def test_maintenance_of_one_instance_leaves_the_others_alone(store):
+    await ingest(store, hb(1, inst="a"), hb(1, inst="b"))
+    await store.maintenance_on("svc/a", 60_000, "disk swap")
+    await asyncio.sleep(0.3)
+    dead = await _claim_kind(store, "dead")
+    assert [e.routing_key for e in dead] == ["dead.svc.b"]
+    assert (await store.record("svc", "a"))["state"] == "dead"
+
+
+async def test_a_window_ends_by_itself(store):
+    await ingest(store, hb(1))
+    await store.maintenance_on("svc", 400, "short")
+    await asyncio.sleep(0.3)
+    assert await _claim_kind(store, "dead") == []
+    dead = await wait_until(lambda: _claim_kind(store, "dead"), 5, "dead after the window")
+    assert '"prev":"maintenance"' in dead[0].body

@@ -123,16 +123,34 @@ local function judge(id, rkey, r, horizon)
     return
   end
   local rec = record_of(r)
+  local window_end = maintenance_until(rec.svc, rec.inst)
+  local muted = window_end > 0
   if last + ttl <= horizon then
-    emit(id, 'dead', state, rec)
-    redis.call('HSET', rkey, 'state', 'dead', 'since', NOW, 'ord', rec.ord)
+    emit(id, 'dead', state, rec, muted)
+    redis.call('HSET', rkey, 'state', 'dead', 'since', NOW, 'ord', rec.ord,
+      'muted', muted and '1' or '0')
     redis.call('DEL', P .. 'alive:' .. id)
-    redis.call('ZADD', K_DEADLINES, NOW + RETENTION, id)
+    -- muted: look again when the window ends, and announce the death then if it still holds
+    redis.call('ZADD', K_DEADLINES, muted and window_end or NOW + RETENTION, id)
   else
-    emit(id, 'suspect', state, rec)
-    redis.call('HSET', rkey, 'state', 'suspect', 'since', NOW, 'ord', rec.ord)
+    emit(id, 'suspect', state, rec, muted)
+    redis.call('HSET', rkey, 'state', 'suspect', 'since', NOW, 'ord', rec.ord,
+      'muted', muted and '1' or '0')
     redis.call('ZADD', K_DEADLINES, last + ttl, id)
   end
+end
+
+-- A death kept quiet by maintenance: announce it once the window is over.
+local function unmute(id, rkey, r)
+  local window_end = maintenance_until(r[5], r[6])
+  if window_end > 0 then
+    redis.call('ZADD', K_DEADLINES, window_end, id)
+    return
+  end
+  local rec = record_of(r)
+  emit(id, 'dead', 'maintenance', rec, false)
+  redis.call('HSET', rkey, 'since', NOW, 'ord', rec.ord, 'muted', '0')
+  redis.call('ZADD', K_DEADLINES, NOW + RETENTION, id)
 end
 
 local horizon = NOW
@@ -145,11 +163,13 @@ end
 for _, id in ipairs(due) do
   local rkey = P .. 'inst:' .. id
   local r = redis.call('HMGET', rkey, 'state', 'last', 'ttl', 'since', 'svc', 'inst', 'inc',
-    'seq', 'meta', 'ord', 'ivl')
+    'seq', 'meta', 'ord', 'ivl', 'muted')
   if not r[1] then
     purge(id)
   elseif r[1] == 'alive' or r[1] == 'suspect' then
     judge(id, rkey, r, horizon)
+  elseif r[1] == 'dead' and r[12] == '1' then
+    unmute(id, rkey, r)
   else
     local purge_at = tonumber(r[4]) + RETENTION
     if purge_at > NOW then

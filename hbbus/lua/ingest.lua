@@ -51,7 +51,7 @@ for i = 0, n - 1 do
   local ivl, ttl, sent, st, meta = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8]
   local id = svc .. '/' .. inst
   local rkey = P .. 'inst:' .. id
-  local cur = redis.call('HMGET', rkey, 'state', 'inc', 'seq', 'pinc', 'ord')
+  local cur = redis.call('HMGET', rkey, 'state', 'inc', 'seq', 'pinc', 'ord', 'muted')
   local state = cur[1]
   local accept, kind, newinc = verdict(state, cur[2], cur[3], cur[4], inc, seq, st)
   if not accept then
@@ -63,7 +63,9 @@ for i = 0, n - 1 do
       if state ~= 'left' or newinc then kind = 'left' else kind = false end
     end
     local fields = {'svc', svc, 'inst', inst, 'inc', inc, 'seq', seq, 'ivl', ivl, 'ttl', ttl,
-      'last', NOW, 'sent', sent, 'status', st, 'meta', meta, 'state', newstate}
+      'last', NOW, 'sent', sent, 'status', st, 'meta', meta, 'state', newstate, 'muted', '0'}
+    -- back from a death (or suspicion) that maintenance kept quiet: quiet too
+    local muted = cur[6] == '1' and (kind == 'recovered' or kind == 'alive')
     if newinc then
       fields[#fields + 1] = 'pinc'
       fields[#fields + 1] = cur[2]
@@ -76,7 +78,7 @@ for i = 0, n - 1 do
     if kind then
       local rec = {svc = svc, inst = inst, inc = inc, seq = seq, last = NOW, ttl = ttl,
         meta = meta, ord = cur[5]}
-      emit(id, kind, state or 'none', rec)
+      emit(id, kind, state or 'none', rec, muted)
       fields[#fields + 1] = 'since'
       fields[#fields + 1] = NOW
       fields[#fields + 1] = 'ord'
