@@ -270,6 +270,35 @@ def send(
     help="watermark lag after which the observer is degraded (all aggregators must agree)",
 )
 @click.option(
+    "--mass-share",
+    type=click.FloatRange(min=0, max=1),
+    default=0.5,
+    show_default=True,
+    help="mass-expiry guard: trips when more than this share of a service or zone fails",
+)
+@click.option(
+    "--mass-min",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="mass-expiry guard: and at least this many instances",
+)
+@click.option("--mass-window-s", type=click.FloatRange(min=1), default=30, show_default=True)
+@click.option(
+    "--release-after-s",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+    help="release held deaths by themselves after this long (0: only by `hbbus guard release`)",
+)
+@click.option(
+    "--release-every-s",
+    type=click.FloatRange(min=0.01),
+    default=1,
+    show_default=True,
+    help="one held death released per this many seconds",
+)
+@click.option(
     "--grace-ms",
     type=click.IntRange(min=0),
     default=6000,
@@ -287,6 +316,11 @@ def aggregator(
     metrics_addr: str,
     degraded_after_ms: int,
     grace_ms: int,
+    mass_share: float,
+    mass_min: int,
+    mass_window_s: float,
+    release_after_s: float,
+    release_every_s: float,
 ) -> None:
     """Run an aggregator: ingest heartbeats into Redis and publish transitions (until SIGTERM)."""
     from hbbus import metrics
@@ -299,6 +333,11 @@ def aggregator(
         retention_ms=retention_s * 1000,
         degraded_after_ms=degraded_after_ms,
         grace_ms=grace_ms,
+        mass_share=mass_share,
+        mass_min=mass_min,
+        mass_window_ms=round(mass_window_s * 1000),
+        release_after_ms=round(release_after_s * 1000),
+        release_every_ms=round(release_every_s * 1000),
     )
     config = AggregatorConfig(prefetch=prefetch, store=store)
 
@@ -547,6 +586,44 @@ def forget(ctx: click.Context, target: str) -> None:
     service, instance = split_instance_id(target)
     run_async(ops.forget(settings_of(ctx), service, instance))
     click.echo(f"forgot {service}/{instance}")
+
+
+@cli.group()
+def guard() -> None:
+    """The mass-expiry guard: what it holds, and releasing it."""
+
+
+@guard.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def guard_status(ctx: click.Context, as_json: bool) -> None:
+    """Tripped scopes (a service or a zone) and the deaths each holds."""
+    tripped = run_async(ops.guard_status(settings_of(ctx)))
+    if as_json:
+        click.echo(orjson.dumps(tripped).decode())
+        return
+    for g in tripped:
+        click.echo(
+            f"{g['scope']}: tripped {fmt_age(g['tripped_ms_ago'])} ago, "
+            f"{len(g['held'])} dead events held: {' '.join(g['held']) or '-'}"
+        )
+    if not tripped:
+        click.echo("the mass-expiry guard holds nothing")
+
+
+@guard.command("release")
+@click.argument("service", required=False)
+@click.option("--zone", help="release a zone's held deaths instead of a service's")
+@click.pass_context
+def guard_release(ctx: click.Context, service: str | None, zone: str | None) -> None:
+    """Publish the dead events the guard holds for SERVICE (or --zone; neither: everything)."""
+    scopes = []
+    if service:
+        scopes.append(f"service:{check_name(service, 'service')}")
+    if zone:
+        scopes.append(f"zone:{check_name(zone, 'zone')}")
+    released, done = run_async(ops.guard_release(settings_of(ctx), scopes))
+    click.echo(f"released {released} dead events ({', '.join(done) or 'nothing was held'})")
 
 
 @cli.group()

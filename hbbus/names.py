@@ -132,6 +132,18 @@ class Names:
         return f"{self.key_prefix}maintenance"
 
     @property
+    def guard_key(self) -> str:
+        """Hash: tripped mass-expiry scope -> "<tripped ms> <last release ms>"."""
+        return f"{self.key_prefix}guard"
+
+    def held_key(self, scope: str) -> str:
+        """Sorted set of the deaths a tripped scope holds (``service:api``, ``zone:eu-1``)."""
+        return f"{self.key_prefix}held:{scope}"
+
+    def service_members_key(self, service: str) -> str:
+        return f"{self.key_prefix}svc:{service}"
+
+    @property
     def log_key(self) -> str:
         return f"{self.key_prefix}log"
 

@@ -137,6 +137,21 @@ async def maintenance_list(settings: Settings) -> list[dict[str, Any]]:
         return await store.maintenance()
 
 
+async def guard_status(settings: Settings) -> list[dict[str, Any]]:
+    async with open_store(settings) as store:
+        return await store.guard()
+
+
+async def guard_release(settings: Settings, scopes: list[str]) -> tuple[int, list[str]]:
+    async with open_store(settings) as store:
+        released, done = await store.release(scopes)
+    if scopes and not done:
+        raise NotFound(
+            f"nothing is held for {', '.join(scopes)} in namespace {settings.namespace!r}"
+        )
+    return released, done
+
+
 async def show(
     settings: Settings, service: str, instance: str, history: int = 20
 ) -> dict[str, Any]:

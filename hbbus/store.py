@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from hbbus.errors import Unavailable
 from hbbus.names import Names
-from hbbus.settings import Settings, redact
+from hbbus.settings import NAME_RE, Settings, redact
 from hbbus.wire import Heartbeat
 
 _LUA = Path(__file__).with_name("lua")
@@ -57,6 +57,15 @@ class StoreConfig:
     grace_ms: int = 6_000
     #: after Redis lost its data, `joined` events are marked as a resync for this long
     resync_ms: int = 60_000
+    #: the mass-expiry guard trips when more than this share of a service's (or zone's)
+    #: instances fail within the window, and at least ``mass_min`` of them
+    mass_share: float = 0.5
+    mass_min: int = 3
+    mass_window_ms: int = 30_000
+    #: held deaths are released only by `hbbus guard release`, unless this is set: then one
+    #: every ``release_every_ms`` once they have been held this long
+    release_after_ms: int = 0
+    release_every_ms: int = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +86,12 @@ class ClaimResult:
 
 def _events(flat: Sequence[Any]) -> list[OutEvent]:
     return [OutEvent(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+
+
+def zone_of(beat: Heartbeat) -> str:
+    """``meta.zone`` when it is a valid name (it becomes part of keys and routing keys)."""
+    zone = beat.meta.get("zone")
+    return zone if isinstance(zone, str) and NAME_RE.fullmatch(zone) else ""
 
 
 def connect_redis(settings: Settings, name: str = "hbbus") -> aioredis.Redis:
@@ -101,6 +116,7 @@ class Store:
         self._ingest = redis.register_script(_script("ingest.lua"))
         self._claim = redis.register_script(_script("claim.lua"))
         self._finalize = redis.register_script(_script("finalize.lua"))
+        self._release = redis.register_script(_script("release.lua"))
         self.epoch = ""  # the store epoch this client saw last (see ingest.lua)
         c = self.config
         self._keys = [
@@ -114,6 +130,7 @@ class Store:
             names.observers_key,
             names.observer_key,
             names.maintenance_key,
+            names.guard_key,
         ]
         self._common: list[Any] = [
             names.key_prefix,
@@ -124,6 +141,11 @@ class Store:
             c.observer_ttl_ms,
             c.degraded_after_ms,
             c.grace_ms,
+            c.mass_share,
+            c.mass_min,
+            c.mass_window_ms,
+            c.release_after_ms,
+            c.release_every_ms,
         ]
 
     @classmethod
@@ -167,6 +189,7 @@ class Store:
                 beat.sent_ms,
                 beat.status,
                 orjson.dumps(beat.meta),
+                zone_of(beat),
             )
         args += (self.epoch, secrets.token_hex(8), self.config.resync_ms)
         reply = await self._ingest(keys=self._keys, args=args)
@@ -186,7 +209,7 @@ class Store:
         if ids:
             await self._finalize(keys=self._keys, args=[*self._common, *ids])
 
-    async def release(self, event_ids: Iterable[str]) -> None:
+    async def release_events(self, event_ids: Iterable[str]) -> None:
         """Give back events that could not be published: a reaper retries them at once."""
         ids = list(event_ids)
         if ids:
@@ -220,6 +243,24 @@ class Store:
             "now_ms": now_ms,
             "aggregators": aggregators,
         }
+
+    # -- the mass-expiry guard --------------------------------------------------------------
+    async def release(self, scopes: Sequence[str] = ()) -> tuple[int, list[str]]:
+        """Publish the deaths held by these scopes (all tripped scopes if none); returns how
+        many and which scopes were released. A reaper publishes the events."""
+        reply = await self._release(keys=self._keys, args=[*self._common, *scopes])
+        return int(reply[0]), list(reply[1:])
+
+    async def guard(self) -> list[dict[str, Any]]:
+        """Tripped scopes: since when, and the deaths they hold."""
+        now_ms = await self.time_ms()
+        raw: dict[str, str] = await self.redis.hgetall(self.names.guard_key)  # type: ignore[assignment]
+        out = []
+        for scope, value in sorted(raw.items()):
+            tripped_ms = int(value.split()[0])
+            held = await self.redis.zrange(self.names.held_key(scope), 0, -1)
+            out.append({"scope": scope, "tripped_ms_ago": now_ms - tripped_ms, "held": held})
+        return out
 
     # -- maintenance -------------------------------------------------------------------------
     async def maintenance_on(self, target: str, duration_ms: int, reason: str) -> int:

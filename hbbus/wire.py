@@ -26,7 +26,7 @@ MAX_MESSAGE_BYTES = 8 * 1024
 STATUSES = frozenset({"ok", "degraded", "draining", "left"})
 EVENT_KINDS = frozenset(
     {"joined", "suspect", "alive", "dead", "recovered", "restarted", "left"}
-    | {"observer.degraded", "observer.recovered"}
+    | {"observer.degraded", "observer.recovered", "mass-expiry"}
 )
 INVALID_REASONS = ("oversized", "malformed", "version", "schema", "name", "routing-key")
 
@@ -152,11 +152,15 @@ class Event:
     raw: bytes = b""
     #: a `joined` that only rebuilds state after Redis lost its data
     resync: bool = False
+    #: mass-expiry events: the tripped scope (``service:api``, ``zone:eu-1``)
+    scope: str = ""
 
     @property
     def routing_key(self) -> str:
         if self.kind.startswith("observer."):
             return self.kind
+        if self.kind == "mass-expiry":
+            return "mass-expiry." + self.scope.replace(":", ".", 1)
         return Names.event_routing_key(self.kind, self.service, self.instance)
 
     @property
@@ -198,6 +202,7 @@ def decode_event(body: bytes | str) -> Event:
         meta=meta if isinstance(meta, dict) else {},
         raw=raw,
         resync=doc.get("resync") is True,
+        scope=str(doc.get("scope") or ""),
     )
 
 

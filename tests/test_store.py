@@ -145,7 +145,7 @@ async def test_an_instance_events_are_handed_out_in_order(store):
     handed = (await claim(store)).events
     assert kinds(handed) == ["restarted"]
     # a publish that failed is released: handed out again at once, same id, before newer ones
-    await store.release([handed[0].id])
+    await store.release_events([handed[0].id])
     _, left = await ingest(store, hb(2, "i2", status="left"), publish=False)
     assert left == []
     again = (await claim(store)).events
@@ -239,3 +239,49 @@ async def test_a_window_ends_by_itself(store):
     assert await _claim_kind(store, "dead") == []
     dead = await wait_until(lambda: _claim_kind(store, "dead"), 5, "dead after the window")
     assert '"prev":"maintenance"' in dead[0].body
+
+
+async def test_mass_expiry_holds_the_deaths_and_release_publishes_each_once(store):
+    await ingest(store, *[hb(1, inst=f"m{i}") for i in range(10)])
+    # one instance stops alone first: an ordinary death
+    await asyncio.sleep(0.1)
+    await ingest(store, *[hb(2, inst=f"m{i}") for i in range(1, 10)])
+    dead = await wait_until(lambda: _claim_kind(store, "dead"), 5, "m0 dead")
+    assert [e.routing_key for e in dead] == ["dead.svc.m0"]
+    # then the other nine stop at once (with m0 recently dead: 10 of 10 failing)
+    await asyncio.sleep(0.3)
+    result = await claim(store)
+    await store.finalize(e.id for e in result.events)
+    keys = [e.routing_key for e in result.events]
+    assert keys.count("mass-expiry.service.svc") == 1
+    assert not [k for k in keys if k.startswith("dead.svc.m")], "held, not published"
+    mass = next(e for e in result.events if e.routing_key.startswith("mass-expiry"))
+    assert '"scope":"service:svc"' in mass.body and "m9" in mass.body
+    [tripped] = await store.guard()
+    assert tripped["scope"] == "service:svc" and len(tripped["held"]) >= 8
+    # one comes back: its held death is dropped, quietly
+    _, events = await ingest(store, hb(3, inst="m9"))
+    assert events == []
+    # release: each remaining held death is published once
+    released, scopes = await store.release(["service:svc"])
+    assert scopes == ["service:svc"] and released == len(tripped["held"]) - 1
+    handed = (await claim(store)).events
+    published = sorted(e.routing_key for e in handed if e.routing_key.startswith("dead."))
+    assert published == sorted(f"dead.svc.m{i}" for i in range(1, 9))
+    assert all('"prev":"held"' in e.body for e in handed if e.routing_key.startswith("dead."))
+    await store.finalize(e.id for e in handed)
+    assert await store.guard() == []
+    assert await store.release(["service:svc"]) == (0, [])
+
+
+async def test_a_zone_trips_across_services(store):
+    beats = [Heartbeat(f"s{i}", "x", "inc", 1, 100, 2, 0, "ok", {"zone": "eu-1"}) for i in range(4)]
+    beats.append(Heartbeat("s9", "y", "inc", 1, 100, 2, 0, "ok", {"zone": "us-1"}))
+    await ingest(store, *beats)
+    await asyncio.sleep(0.3)
+    events = (await claim(store)).events
+    await store.finalize(e.id for e in events)
+    keys = sorted(e.routing_key for e in events)
+    assert "mass-expiry.zone.eu-1" in keys
+    assert "dead.s9.y" in keys, "another zone is not held"
+    assert not [k for k in keys if k.startswith("dead.s") and k != "dead.s9.y"]

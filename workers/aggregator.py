@@ -121,7 +121,7 @@ class EventPublisher:
                 len(events),
                 "; ".join(sorted(errors))[:300],
             )
-            await self.store.release(e.id for e in failed)
+            await self.store.release_events(e.id for e in failed)
         if done:
             await self.store.finalize(e.id for e in done)
             for event in done:

@@ -1,4 +1,4 @@
--- The reaper's step. ARGV[9] = limit.
+-- The reaper's step. ARGV[S] = limit, ARGV[S + 1] = the calling aggregator.
 -- 1. The outbox, oldest first: an event without a live lease (its publisher died or gave up)
 --    is handed out again, unless an older event of the same instance is still pending.
 -- 2. The watermark: the oldest probe stamp among live aggregators. Every heartbeat published
@@ -9,7 +9,7 @@
 -- 3. Due deadlines up to the watermark: alive -> suspect -> dead; dead or left records past
 --    their retention are purged; a deadline that moved (a heartbeat came) is re-filed.
 -- Returns {now_ms, next_deadline_ms or -1, evid, routing_key, body, ...}.
-local limit, me = tonumber(ARGV[9]), ARGV[10]
+local limit, me = tonumber(ARGV[S]), ARGV[S + 1]
 
 local waiting = {}
 for _, evid in ipairs(redis.call('ZRANGE', K_OUTBOX, 0, limit - 1)) do
@@ -98,10 +98,94 @@ end
 
 -- due deadlines, up to the watermark ---------------------------------------------------------
 local function purge(id)
+  local f = redis.call('HMGET', P .. 'inst:' .. id, 'svc', 'zone', 'held')
+  if f[1] then redis.call('SREM', P .. 'svc:' .. f[1], id) end
+  if f[2] and f[2] ~= '' then redis.call('SREM', P .. 'zone:' .. f[2], id) end
+  if f[3] and f[3] ~= '' then redis.call('ZREM', P .. 'held:' .. f[3], id) end
   redis.call('DEL', P .. 'inst:' .. id, P .. 'hist:' .. id, P .. 'alive:' .. id)
   redis.call('ZREM', K_DEADLINES, id)
   redis.call('SREM', K_INSTANCES, id)
 end
+
+-- The mass-expiry guard ----------------------------------------------------------------------
+local function failing_in(scope, dying)
+  local total, failing, names = 0, 0, {}
+  for _, m in ipairs(redis.call('SMEMBERS', members_key(scope))) do
+    local f = redis.call('HMGET', P .. 'inst:' .. m, 'state', 'since', 'last', 'ivl', 'ttl')
+    local recent = f[1] == 'dead' and tonumber(f[2]) > NOW - MASS_WINDOW
+    if f[1] == 'alive' or f[1] == 'suspect' or recent then
+      total = total + 1
+      -- overdue counts as failing even before the reaper got to it (after a long hold, a
+      -- whole burst can become due in one step)
+      local overdue = f[1] == 'alive' and next_due('alive', tonumber(f[3]), f[4], f[5]) <= NOW
+      if f[1] ~= 'alive' or overdue or m == dying then
+        failing = failing + 1
+        names[#names + 1] = m
+      end
+    end
+  end
+  return total, failing, names
+end
+
+local function trip(scope, total, failing, names)
+  redis.call('HSET', K_GUARD, scope, string.format('%d %d', NOW, NOW))
+  local kind_name = string.find(scope, ':', 1, true)
+  local rk = 'mass-expiry.' .. string.sub(scope, 1, kind_name - 1) .. '.'
+    .. string.sub(scope, kind_name + 1)
+  local svc = ''
+  if string.sub(scope, 1, 8) == 'service:' then svc = string.sub(scope, 9) end
+  local reason = failing .. ' of ' .. total .. ' instances of ' .. scope .. ' failing within '
+    .. MASS_WINDOW .. ' ms (more than ' .. math.floor(MASS_SHARE * 100) .. '%, at least '
+    .. MASS_MIN .. '): their dead events are held until `hbbus guard release`'
+  local evid = string.sub(redis.sha1hex('mass-expiry|' .. scope .. '|' .. NOW .. '|' .. P), 1, 24)
+  local body = '{"v":1,"id":"' .. evid .. '","kind":"mass-expiry","service":"' .. svc
+    .. '","instance":"","incarnation":"","seq":0,"ord":' .. NOW .. ',"at_ms":' .. NOW
+    .. ',"last_seen_ms":0,"ttl_ms":0,"prev":"ok","scope":"' .. scope .. '","reason":'
+    .. cjson.encode(reason) .. ',"instances":' .. cjson.encode(names)
+    .. ',"meta":{"total":' .. total .. ',"failing":' .. failing .. '}}'
+  record_event('guard', evid, NOW, rk, body, false)
+end
+
+-- The scope that holds this death, or nil: a tripped guard, or one this death trips.
+local function guard(id, svc, zone)
+  local scopes = {'service:' .. svc}
+  if zone and zone ~= '' then scopes[2] = 'zone:' .. zone end
+  for _, scope in ipairs(scopes) do
+    if redis.call('HEXISTS', K_GUARD, scope) == 1 then return scope end
+  end
+  for _, scope in ipairs(scopes) do
+    local total, failing, names = failing_in(scope, id)
+    if failing >= MASS_MIN and failing > MASS_SHARE * total then
+      trip(scope, total, failing, names)
+      return scope
+    end
+  end
+  return nil
+end
+
+-- Tripped guards: released at a limited rate after a hold time (if configured), and over
+-- once nothing is held any more and the window has passed.
+local function tend_guards()
+  local g = redis.call('HGETALL', K_GUARD)
+  for i = 1, #g, 2 do
+    local scope, sp = g[i], string.find(g[i + 1], ' ', 1, true)
+    local tripped = tonumber(string.sub(g[i + 1], 1, sp - 1))
+    local last_release = tonumber(string.sub(g[i + 1], sp + 1))
+    local held_key = P .. 'held:' .. scope
+    if RELEASE_AFTER > 0 and NOW - tripped >= RELEASE_AFTER
+        and NOW - last_release >= RELEASE_EVERY then
+      local oldest = redis.call('ZRANGE', held_key, 0, 0)
+      if oldest[1] then
+        release_one(scope, oldest[1])
+        redis.call('HSET', K_GUARD, scope, string.format('%d %d', tripped, NOW))
+      end
+    end
+    if redis.call('ZCARD', held_key) == 0 and NOW - tripped > MASS_WINDOW then
+      redis.call('HDEL', K_GUARD, scope)
+    end
+  end
+end
+tend_guards()
 
 local function record_of(r)
   return {svc = r[5], inst = r[6], inc = r[7], seq = r[8], last = r[2], ttl = r[3],
@@ -126,10 +210,13 @@ local function judge(id, rkey, r, horizon)
   local window_end = maintenance_until(rec.svc, rec.inst)
   local muted = window_end > 0
   if last + ttl <= horizon then
-    emit(id, 'dead', state, rec, muted)
+    local held = nil
+    if not muted then held = guard(id, rec.svc, r[13]) end
+    emit(id, 'dead', state, rec, muted or held ~= nil, held)
     redis.call('HSET', rkey, 'state', 'dead', 'since', NOW, 'ord', rec.ord,
-      'muted', muted and '1' or '0')
+      'muted', (muted or held) and '1' or '0', 'held', held or '')
     redis.call('DEL', P .. 'alive:' .. id)
+    if held then redis.call('ZADD', P .. 'held:' .. held, NOW, id) end
     -- muted: look again when the window ends, and announce the death then if it still holds
     redis.call('ZADD', K_DEADLINES, muted and window_end or NOW + RETENTION, id)
   else
@@ -163,12 +250,12 @@ end
 for _, id in ipairs(due) do
   local rkey = P .. 'inst:' .. id
   local r = redis.call('HMGET', rkey, 'state', 'last', 'ttl', 'since', 'svc', 'inst', 'inc',
-    'seq', 'meta', 'ord', 'ivl', 'muted')
+    'seq', 'meta', 'ord', 'ivl', 'muted', 'zone', 'held')
   if not r[1] then
     purge(id)
   elseif r[1] == 'alive' or r[1] == 'suspect' then
     judge(id, rkey, r, horizon)
-  elseif r[1] == 'dead' and r[12] == '1' then
+  elseif r[1] == 'dead' and r[12] == '1' and (r[14] or '') == '' then
     unmute(id, rkey, r)
   else
     local purge_at = tonumber(r[4]) + RETENTION

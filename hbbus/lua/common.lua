@@ -1,11 +1,14 @@
 -- Shared prelude of the hbbus scripts (prepended by hbbus/store.py).
 -- KEYS: deadlines, instances, outbox, outbox:body, outbox:lease, outbox:pending, log,
 --       observers (aggregator -> "probe_ms seen_ms"), observer (the observer's own state),
---       maintenance (service or service/instance -> "until_ms reason")
+--       maintenance (service or service/instance -> "until_ms reason"),
+--       guard (tripped scope -> "tripped_ms last_release_ms")
 -- ARGV[1] key prefix "{ns}:" (per-instance keys: same hash tag, same slot)
 -- ARGV[2] lease_ms   ARGV[3] retention_ms   ARGV[4] log max length   ARGV[5] history length
 -- ARGV[6] observer_ttl_ms   ARGV[7] degraded_after_ms   ARGV[8] grace_ms
--- Script arguments start at ARGV[9].
+-- ARGV[9] mass-expiry share   ARGV[10] at least   ARGV[11] window_ms
+-- ARGV[12] auto-release after ms (0: only `hbbus guard release`)   ARGV[13] ms between releases
+-- Script arguments start at ARGV[S], S = 14.
 -- All times are Redis server time in milliseconds (DESIGN.md section 3).
 local P = ARGV[1]
 local LEASE = tonumber(ARGV[2])
@@ -15,9 +18,14 @@ local HISTLEN = tonumber(ARGV[5])
 local OBSERVER_TTL = tonumber(ARGV[6])
 local DEGRADED_AFTER = tonumber(ARGV[7])
 local GRACE = tonumber(ARGV[8])
+local MASS_SHARE, MASS_MIN, MASS_WINDOW = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local RELEASE_AFTER, RELEASE_EVERY = tonumber(ARGV[12]), tonumber(ARGV[13])
+local S = 14
 local K_DEADLINES, K_INSTANCES = KEYS[1], KEYS[2]
 local K_OUTBOX, K_BODY, K_LEASE, K_PENDING = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local K_LOG, K_OBSERVERS, K_OBSERVER, K_MAINT = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local K_GUARD = KEYS[11]
+local NO_CLAIM = false  -- true: events wait in the outbox for a reaper (callers that do not publish)
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
@@ -44,7 +52,7 @@ local function record_event(id, evid, ord, rk, body, hist, muted)
   if muted then return end  -- maintenance: in the history, never published
   redis.call('ZADD', K_OUTBOX, ord, evid)
   redis.call('HSET', K_BODY, evid, id .. ' ' .. rk .. ' ' .. body)
-  if redis.call('HINCRBY', K_PENDING, id, 1) == 1 then
+  if redis.call('HINCRBY', K_PENDING, id, 1) == 1 and not NO_CLAIM then
     claim_event(evid, rk, body)
   end
 end
@@ -65,8 +73,9 @@ local function maintenance_until(svc, inst)
 end
 
 -- A transition of one instance. ``rec`` holds the record's fields; rec.ord grows.
--- ``muted``: under maintenance, it goes to the history only.
-local function emit(id, kind, prev, rec, muted)
+-- ``muted``: under maintenance or held by the mass-expiry guard (then ``held`` names the
+-- scope), it goes to the history only.
+local function emit(id, kind, prev, rec, muted, held)
   local ord = math.max(NOW, (tonumber(rec.ord) or 0) + 1)
   rec.ord = ord
   local evid = string.sub(redis.sha1hex(kind .. '|' .. id .. '|' .. rec.inc .. '|' .. ord), 1, 24)
@@ -77,8 +86,30 @@ local function emit(id, kind, prev, rec, muted)
     .. ',"ttl_ms":' .. rec.ttl .. ',"prev":"' .. prev .. '","meta":' .. rec.meta
   if kind == 'joined' and NOW < RESYNC_UNTIL then body = body .. ',"resync":true' end
   if muted then body = body .. ',"muted":true' end
+  if held then body = body .. ',"held":"' .. held .. '"' end
   body = body .. '}'
   record_event(id, evid, ord, rk, body, P .. 'hist:' .. id, muted)
+end
+
+-- The mass-expiry guard. A scope is "service:<svc>" or "zone:<zone>"; its members are the
+-- set P svc:<svc> or P zone:<zone>; its held deaths the sorted set P held:<scope>.
+local function members_key(scope)
+  if string.sub(scope, 1, 8) == 'service:' then return P .. 'svc:' .. string.sub(scope, 9) end
+  return P .. scope
+end
+
+-- Publish a death the guard held (``prev`` "held"), and forget that it was held.
+local function release_one(scope, id)
+  redis.call('ZREM', P .. 'held:' .. scope, id)
+  local rkey = P .. 'inst:' .. id
+  local r = redis.call('HMGET', rkey, 'state', 'held', 'svc', 'inst', 'inc', 'seq', 'last', 'ttl',
+    'meta', 'ord')
+  if r[1] ~= 'dead' or r[2] ~= scope then return 0 end  -- it came back, or was forgotten
+  local rec = {svc = r[3], inst = r[4], inc = r[5], seq = r[6], last = r[7], ttl = r[8],
+    meta = r[9], ord = r[10]}
+  emit(id, 'dead', 'held', rec, false)
+  redis.call('HSET', rkey, 'muted', '0', 'held', '', 'ord', rec.ord)
+  return 1
 end
 
 -- When the instance is next due: suspect half an interval after a missed heartbeat (if that

@@ -1,12 +1,12 @@
--- Published and confirmed: drop events from the outbox. ARGV[9..] = event ids.
--- With ARGV[9] == 'release', the ids that follow were NOT published: their leases are dropped
+-- Published and confirmed: drop events from the outbox. ARGV[S..] = event ids.
+-- With ARGV[S] == 'release', the ids that follow were NOT published: their leases are dropped
 -- so that a reaper hands them out again at once, still in order.
-if ARGV[9] == 'release' then
-  for i = 10, #ARGV do redis.call('HDEL', K_LEASE, ARGV[i]) end
+if ARGV[S] == 'release' then
+  for i = S + 1, #ARGV do redis.call('HDEL', K_LEASE, ARGV[i]) end
   return 0
 end
 local n = 0
-for i = 9, #ARGV do
+for i = S, #ARGV do
   local evid = ARGV[i]
   local stored = redis.call('HGET', K_BODY, evid)
   if stored then

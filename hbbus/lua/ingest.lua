@@ -1,6 +1,7 @@
--- Apply one batch of heartbeats. ARGV[9] aggregator id ('': not an aggregator), ARGV[10] newest probe stamp in the
--- batch (0: none), ARGV[11] = n, then 9 values per heartbeat:
--- service, instance, incarnation, seq, interval_ms, ttl_ms, sent_ms, status, meta (JSON).
+-- Apply one batch of heartbeats. ARGV[S] aggregator id ('': not an aggregator), ARGV[S + 1]
+-- newest probe stamp in the batch (0: none), ARGV[S + 2] = n, then 10 values per heartbeat:
+-- service, instance, incarnation, seq, interval_ms, ttl_ms, sent_ms, status, meta (JSON),
+-- zone ('' if none).
 -- A seq not above the stored one of the same incarnation is stale and ignored; a heartbeat of
 -- the incarnation before the current one is stale too (reordering between aggregators).
 -- seq 0 means "unordered" (one-shot senders such as `hbbus send` from cron): always applied.
@@ -9,13 +10,14 @@
 -- After the heartbeats: the epoch the aggregator saw last ('' at first), a fresh one to use if
 -- Redis has none, and how long a resync lasts (ms).
 -- Returns {stale_count, epoch, evid, routing_key, body, ...} for the events to publish now.
-local agg, probe, n = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
+local agg, probe, n = ARGV[S], tonumber(ARGV[S + 1]), tonumber(ARGV[S + 2])
+local B = S + 3  -- the first heartbeat
 local stale = 0
 
 -- The store's epoch: a random id kept in Redis. If it is gone while the aggregator had seen
 -- one, Redis lost its data (a restart without persistence, a flush): for a while, instances
 -- that reappear are a resync, not news, and their `joined` events say so.
-local epoch_key, seen_epoch, fresh_epoch = P .. 'epoch', ARGV[12 + n * 9], ARGV[13 + n * 9]
+local epoch_key, seen_epoch, fresh_epoch = P .. 'epoch', ARGV[B + n * 10], ARGV[B + 1 + n * 10]
 local epoch = redis.call('GET', epoch_key)
 if not epoch then
   epoch = fresh_epoch
@@ -23,7 +25,7 @@ if not epoch then
 end
 if seen_epoch ~= '' and seen_epoch ~= epoch and NOW >= RESYNC_UNTIL then
   -- gone, or re-created by another client since we saw it: the data was lost
-  RESYNC_UNTIL = NOW + tonumber(ARGV[14 + n * 9])
+  RESYNC_UNTIL = NOW + tonumber(ARGV[B + 2 + n * 10])
   redis.call('HSET', K_OBSERVER, 'resync_until', RESYNC_UNTIL, 'resynced_at', NOW)
 end
 
@@ -46,12 +48,14 @@ local function verdict(state, cinc, cseq, pinc, inc, seq, st)
 end
 
 for i = 0, n - 1 do
-  local b = 12 + i * 9
+  local b = B + i * 10
   local svc, inst, inc, seq = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
   local ivl, ttl, sent, st, meta = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8]
+  local zone = ARGV[b + 9]
   local id = svc .. '/' .. inst
   local rkey = P .. 'inst:' .. id
-  local cur = redis.call('HMGET', rkey, 'state', 'inc', 'seq', 'pinc', 'ord', 'muted')
+  local cur = redis.call('HMGET', rkey, 'state', 'inc', 'seq', 'pinc', 'ord', 'muted', 'held',
+    'zone')
   local state = cur[1]
   local accept, kind, newinc = verdict(state, cur[2], cur[3], cur[4], inc, seq, st)
   if not accept then
@@ -63,9 +67,18 @@ for i = 0, n - 1 do
       if state ~= 'left' or newinc then kind = 'left' else kind = false end
     end
     local fields = {'svc', svc, 'inst', inst, 'inc', inc, 'seq', seq, 'ivl', ivl, 'ttl', ttl,
-      'last', NOW, 'sent', sent, 'status', st, 'meta', meta, 'state', newstate, 'muted', '0'}
-    -- back from a death (or suspicion) that maintenance kept quiet: quiet too
+      'last', NOW, 'sent', sent, 'status', st, 'meta', meta, 'state', newstate, 'muted', '0',
+      'held', '', 'zone', zone}
+    -- back from a death (or suspicion) that maintenance or the guard kept quiet: quiet too
     local muted = cur[6] == '1' and (kind == 'recovered' or kind == 'alive')
+    if cur[7] and cur[7] ~= '' then  -- a held death is dropped: the instance came back
+      redis.call('ZREM', P .. 'held:' .. cur[7], id)
+    end
+    if not state then redis.call('SADD', P .. 'svc:' .. svc, id) end
+    if zone ~= (cur[8] or '') then
+      if cur[8] and cur[8] ~= '' then redis.call('SREM', P .. 'zone:' .. cur[8], id) end
+      if zone ~= '' then redis.call('SADD', P .. 'zone:' .. zone, id) end
+    end
     if newinc then
       fields[#fields + 1] = 'pinc'
       fields[#fields + 1] = cur[2]
