@@ -112,16 +112,19 @@ async def _outbox_empty(store: Store) -> bool:
 
 
 async def test_aggregator_killed_mid_batch_then_other_takes_over(settings, aggregators, sink):
-    """Two aggregators; one is cancelled abruptly; deaths are still reported exactly once."""
+    """Two aggregators; one is cancelled abruptly; deaths are still reported exactly once.
+    (Four services of two instances, one of each dies: below the mass-expiry guard.)"""
     aggs = await aggregators(2)
-    beaters = await fleet(settings, "svc", 4)
-    await sink.wait_for("joined", count=4)
+    fleets = [await fleet(settings, f"svc{i}", 2) for i in range(4)]
+    await sink.wait_for("joined", count=8)
     await aggs[0].kill()
-    for b in beaters:
-        await b.abort()
+    for beaters in fleets:
+        await beaters[0].abort()
     await sink.wait_for("dead", count=4, timeout_s=10)
     await asyncio.sleep(0.5)
-    assert len(sink.of("dead")) == 4
+    assert sorted(e["service"] for e in sink.of("dead")) == [f"svc{i}" for i in range(4)]
+    for beaters in fleets:
+        await beaters[1].stop()
 
 
 async def test_events_survive_with_no_consumer_and_history_is_kept(settings, aggregators):
