@@ -299,6 +299,27 @@ def send(
     help="one held death released per this many seconds",
 )
 @click.option(
+    "--flap-max",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="flapping: more than this many dead/recovered changes ...",
+)
+@click.option(
+    "--flap-window-s",
+    type=click.FloatRange(min=1),
+    default=60,
+    show_default=True,
+    help="... within this window",
+)
+@click.option(
+    "--flap-stable-s",
+    type=click.FloatRange(min=0.1),
+    default=30,
+    show_default=True,
+    help="flapping ends after this long without such a change",
+)
+@click.option(
     "--grace-ms",
     type=click.IntRange(min=0),
     default=6000,
@@ -321,6 +342,9 @@ def aggregator(
     mass_window_s: float,
     release_after_s: float,
     release_every_s: float,
+    flap_max: int,
+    flap_window_s: float,
+    flap_stable_s: float,
 ) -> None:
     """Run an aggregator: ingest heartbeats into Redis and publish transitions (until SIGTERM)."""
     from hbbus import metrics
@@ -338,6 +362,9 @@ def aggregator(
         mass_window_ms=round(mass_window_s * 1000),
         release_after_ms=round(release_after_s * 1000),
         release_every_ms=round(release_every_s * 1000),
+        flap_max=flap_max,
+        flap_window_ms=round(flap_window_s * 1000),
+        flap_stable_ms=round(flap_stable_s * 1000),
     )
     config = AggregatorConfig(prefetch=prefetch, store=store)
 
@@ -463,7 +490,11 @@ def status_table(rows: list[dict[str, Any]], title: str | None = None) -> Any:
         )
     for r in rows:
         state = r["state"] if r["status"] in ("ok", "left", "") else f"{r['state']} ({r['status']})"
-        if r.get("muted"):
+        if r.get("flapping"):
+            state += " (flapping)"
+        if r.get("held"):
+            state += " (held)"
+        elif r.get("muted"):
             state += " (maintenance)"
         table.add_row(
             r["service"],

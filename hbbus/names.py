@@ -136,6 +136,11 @@ class Names:
         """Hash: tripped mass-expiry scope -> "<tripped ms> <last release ms>"."""
         return f"{self.key_prefix}guard"
 
+    @property
+    def flapcheck_key(self) -> str:
+        """Sorted set: flapping instance -> when to check whether it has been stable."""
+        return f"{self.key_prefix}flapcheck"
+
     def held_key(self, scope: str) -> str:
         """Sorted set of the deaths a tripped scope holds (``service:api``, ``zone:eu-1``)."""
         return f"{self.key_prefix}held:{scope}"

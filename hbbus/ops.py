@@ -67,7 +67,9 @@ def record_row(record: dict[str, str], now_ms: int) -> dict[str, Any]:
         "first_seen_ms": int(record.get("first", 0)),
         "since_ms": int(record.get("since", 0)),
         "meta": orjson.loads(record.get("meta", "{}")),
-        "muted": record.get("muted") == "1",
+        "muted": record.get("muted") == "1" and not record.get("held"),
+        "held": record.get("held") or None,
+        "flapping": record.get("flapping") == "1",
     }
 
 

@@ -66,6 +66,11 @@ class StoreConfig:
     #: every ``release_every_ms`` once they have been held this long
     release_after_ms: int = 0
     release_every_ms: int = 1_000
+    #: flapping: more than ``flap_max`` dead/recovered changes within ``flap_window_ms``;
+    #: damped until there has been none for ``flap_stable_ms``
+    flap_max: int = 2
+    flap_window_ms: int = 60_000
+    flap_stable_ms: int = 30_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +136,7 @@ class Store:
             names.observer_key,
             names.maintenance_key,
             names.guard_key,
+            names.flapcheck_key,
         ]
         self._common: list[Any] = [
             names.key_prefix,
@@ -146,6 +152,9 @@ class Store:
             c.mass_window_ms,
             c.release_after_ms,
             c.release_every_ms,
+            c.flap_max,
+            c.flap_window_ms,
+            c.flap_stable_ms,
         ]
 
     @classmethod

@@ -25,7 +25,7 @@ WIRE_VERSION = 1
 MAX_MESSAGE_BYTES = 8 * 1024
 STATUSES = frozenset({"ok", "degraded", "draining", "left"})
 EVENT_KINDS = frozenset(
-    {"joined", "suspect", "alive", "dead", "recovered", "restarted", "left"}
+    {"joined", "suspect", "alive", "dead", "recovered", "restarted", "left", "flapping", "stable"}
     | {"observer.degraded", "observer.recovered", "mass-expiry"}
 )
 INVALID_REASONS = ("oversized", "malformed", "version", "schema", "name", "routing-key")

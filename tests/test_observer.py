@@ -148,3 +148,40 @@ async def test_broker_outage_causes_no_false_deaths_and_real_deaths_follow_the_g
             await b.stop()
         await sink.close()
         await drop_namespace(settings, [f"{ns}.test-sink"])
+
+
+async def test_a_flapping_instance_triggers_failover_at_most_once(settings, aggregators, sink):
+    """Heard, then silent past its TTL, then heard again, every half second: it is marked
+    flapping, and a failover consumer bound to its deaths runs once."""
+    from hbbus.failover import FailoverConsumer, RetryPolicy
+    from tests.test_failover import running
+
+    runs = []
+
+    async def failover(event):
+        runs.append(event.kind)
+
+    consumer = FailoverConsumer(
+        settings, "flap", ["dead.#", "flapping.#"], retry=RetryPolicy(max_retries=1, base_s=0.1)
+    )
+    consumer.on("dead")(failover)
+    consumer.on("flapping")(lambda e: asyncio.sleep(0))
+    await aggregators(1)
+    async with running(consumer):
+        for cycle in range(4):  # TTL 800 ms (200 ms x 4): silent 1 s, then heard
+            await publish_beat(settings, cycle * 2 + 1)
+            await asyncio.sleep(1.0)
+        await publish_beat(settings, 99)
+        await sink.wait_for("flapping", "s-1", timeout_s=5)
+        await asyncio.sleep(0.5)
+    assert runs == ["dead"], runs
+    assert len(sink.of("dead", "s-1")) == 1 and len(sink.of("flapping", "s-1")) == 1
+    code_rows = await _status_row(settings)
+    assert code_rows["flapping"] is True
+
+
+async def _status_row(settings):
+    from hbbus import ops
+
+    [row] = await ops.status(settings, "sus")
+    return row

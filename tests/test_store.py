@@ -285,3 +285,44 @@ async def test_a_zone_trips_across_services(store):
     assert "mass-expiry.zone.eu-1" in keys
     assert "dead.s9.y" in keys, "another zone is not held"
     assert not [k for k in keys if k.startswith("dead.s") and k != "dead.s9.y"]
+
+
+async def test_flapping_is_announced_once_then_coalesced_until_stable(settings):
+    config = StoreConfig(lease_ms=200, retention_ms=60_000, flap_stable_ms=600)
+    store = Store.from_settings(settings, config)
+    published = []
+
+    async def beat(seq):
+        published.extend((await ingest(store, hb(seq)))[1])
+
+    async def reap():
+        result = await claim(store)
+        await store.finalize(e.id for e in result.events)
+        published.extend(result.events)
+
+    try:
+        for seq in (1, 3, 5):  # heard, silent past the TTL (dead), heard again...
+            await beat(seq)
+            await asyncio.sleep(0.3)
+            await reap()
+        await beat(7)
+        seen = kinds(published)
+        assert seen.count("flapping") == 1
+        assert seen.count("dead") == 1, "only the first death goes to failover"
+        assert seen.count("recovered") == 1
+        record = await store.record("svc", "a")
+        assert record["flapping"] == "1" and record["state"] == "alive"
+        history = [h["kind"] for h in await store.history("svc", "a")]
+        assert history.count("dead") == 3, "every change is kept in the history"
+        # quiet (no dead/recovered change) for flap_stable_ms, heartbeats going on
+        for seq in range(8, 20):
+            await beat(seq)
+            await asyncio.sleep(0.06)
+            await reap()
+        seen = kinds(published)
+        assert seen.count("stable") == 1
+        # failover last heard `recovered` and the instance is alive: nothing more to say
+        assert seen.count("dead") == 1 and seen.count("recovered") == 1
+        assert (await store.record("svc", "a"))["flapping"] == ""
+    finally:
+        await store.close()

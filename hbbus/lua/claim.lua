@@ -192,6 +192,27 @@ local function record_of(r)
     meta = r[9], ord = r[10]}
 end
 
+-- Flapping instances that have been stable long enough: one `stable` event, and the state
+-- failover last heard of is brought up to date (a `dead` or `recovered`) if it changed.
+local function settle_flapping()
+  for _, id in ipairs(redis.call('ZRANGE', K_FLAPCHECK, '-inf', NOW, 'BYSCORE', 'LIMIT', 0, 100)) do
+    redis.call('ZREM', K_FLAPCHECK, id)
+    local rkey = P .. 'inst:' .. id
+    local r = redis.call('HMGET', rkey, 'state', 'last', 'ttl', 'since', 'svc', 'inst', 'inc',
+      'seq', 'meta', 'ord', 'flapping', 'pub')
+    if r[1] and r[11] == '1' then
+      redis.call('HSET', rkey, 'flapping', '', 'flips', '')
+      local rec = record_of(r)
+      emit(id, 'stable', 'flapping', rec, false)
+      local now_state = r[1] == 'dead' and 'dead' or 'alive'
+      if r[1] ~= 'left' and now_state ~= (r[12] or 'alive') then
+        emit(id, now_state == 'dead' and 'dead' or 'recovered', 'flapping', rec, false)
+      end
+      redis.call('HSET', rkey, 'ord', rec.ord)
+    end
+  end
+end
+
 local function judge(id, rkey, r, horizon)
   local state, last, ttl = r[1], tonumber(r[2]), tonumber(r[3])
   if last < recovered_at then  -- not heard since the observer recovered: grace first
@@ -239,6 +260,8 @@ local function unmute(id, rkey, r)
   redis.call('HSET', rkey, 'since', NOW, 'ord', rec.ord, 'muted', '0')
   redis.call('ZADD', K_DEADLINES, NOW + RETENTION, id)
 end
+
+settle_flapping()
 
 local horizon = NOW
 if wm and wm < horizon then horizon = wm end

@@ -2,13 +2,16 @@
 -- KEYS: deadlines, instances, outbox, outbox:body, outbox:lease, outbox:pending, log,
 --       observers (aggregator -> "probe_ms seen_ms"), observer (the observer's own state),
 --       maintenance (service or service/instance -> "until_ms reason"),
---       guard (tripped scope -> "tripped_ms last_release_ms")
+--       guard (tripped scope -> "tripped_ms last_release_ms"),
+--       flapcheck (flapping instance -> when to see whether it is stable)
 -- ARGV[1] key prefix "{ns}:" (per-instance keys: same hash tag, same slot)
 -- ARGV[2] lease_ms   ARGV[3] retention_ms   ARGV[4] log max length   ARGV[5] history length
 -- ARGV[6] observer_ttl_ms   ARGV[7] degraded_after_ms   ARGV[8] grace_ms
 -- ARGV[9] mass-expiry share   ARGV[10] at least   ARGV[11] window_ms
 -- ARGV[12] auto-release after ms (0: only `hbbus guard release`)   ARGV[13] ms between releases
--- Script arguments start at ARGV[S], S = 14.
+-- ARGV[14] flap: more than this many dead/recovered changes   ARGV[15] in this window (ms)
+-- ARGV[16] flapping ends after this long without such a change (ms)
+-- Script arguments start at ARGV[S], S = 17.
 -- All times are Redis server time in milliseconds (DESIGN.md section 3).
 local P = ARGV[1]
 local LEASE = tonumber(ARGV[2])
@@ -20,11 +23,13 @@ local DEGRADED_AFTER = tonumber(ARGV[7])
 local GRACE = tonumber(ARGV[8])
 local MASS_SHARE, MASS_MIN, MASS_WINDOW = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local RELEASE_AFTER, RELEASE_EVERY = tonumber(ARGV[12]), tonumber(ARGV[13])
-local S = 14
+local FLAP_MAX, FLAP_WINDOW, FLAP_STABLE = tonumber(ARGV[14]), tonumber(ARGV[15]),
+  tonumber(ARGV[16])
+local S = 17
 local K_DEADLINES, K_INSTANCES = KEYS[1], KEYS[2]
 local K_OUTBOX, K_BODY, K_LEASE, K_PENDING = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local K_LOG, K_OBSERVERS, K_OBSERVER, K_MAINT = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local K_GUARD = KEYS[11]
+local K_GUARD, K_FLAPCHECK = KEYS[11], KEYS[12]
 local NO_CLAIM = false  -- true: events wait in the outbox for a reaper (callers that do not publish)
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -75,7 +80,41 @@ end
 -- A transition of one instance. ``rec`` holds the record's fields; rec.ord grows.
 -- ``muted``: under maintenance or held by the mass-expiry guard (then ``held`` names the
 -- scope), it goes to the history only.
-local function emit(id, kind, prev, rec, muted, held)
+local emit
+
+-- Flap damping: an instance whose dead/recovered changes exceed FLAP_MAX within FLAP_WINDOW is
+-- flapping: one `flapping` event, then its dead/recovered changes are coalesced (history
+-- only) until it has been stable for FLAP_STABLE. Returns true when this change is coalesced.
+local function flap_gate(id, kind, prev, rec)
+  local rkey = P .. 'inst:' .. id
+  local f = redis.call('HMGET', rkey, 'flips', 'flapping')
+  local times = {}
+  for t in string.gmatch(f[1] or '', '%d+') do
+    if tonumber(t) > NOW - FLAP_WINDOW then times[#times + 1] = t end
+  end
+  times[#times + 1] = string.format('%d', NOW)
+  while #times > FLAP_MAX + 1 do table.remove(times, 1) end
+  redis.call('HSET', rkey, 'flips', table.concat(times, ' '))
+  if f[2] == '1' then
+    redis.call('ZADD', K_FLAPCHECK, NOW + FLAP_STABLE, id)
+    return true
+  end
+  if #times > FLAP_MAX then
+    redis.call('HSET', rkey, 'flapping', '1')
+    redis.call('ZADD', K_FLAPCHECK, NOW + FLAP_STABLE, id)
+    emit(id, 'flapping', prev, rec, false)
+    return true
+  end
+  return false
+end
+
+emit = function(id, kind, prev, rec, muted, held)
+  if not muted and (kind == 'dead' or kind == 'recovered') and flap_gate(id, kind, prev, rec) then
+    muted = true
+  end
+  if not muted and (kind == 'dead' or kind == 'recovered' or kind == 'joined') then
+    redis.call('HSET', P .. 'inst:' .. id, 'pub', kind == 'dead' and 'dead' or 'alive')
+  end
   local ord = math.max(NOW, (tonumber(rec.ord) or 0) + 1)
   rec.ord = ord
   local evid = string.sub(redis.sha1hex(kind .. '|' .. id .. '|' .. rec.inc .. '|' .. ord), 1, 24)
