@@ -619,6 +619,99 @@ def forget(ctx: click.Context, target: str) -> None:
     click.echo(f"forgot {service}/{instance}")
 
 
+@cli.command()
+@click.argument("target", metavar="SERVICE/INSTANCE")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def why(ctx: click.Context, target: str, as_json: bool) -> None:
+    """Explain an instance's verdict: gaps, deadline and how it was computed, transitions."""
+    service, instance = split_instance_id(target)
+    doc = run_async(ops.why(settings_of(ctx), service, instance))
+    if as_json:
+        click.echo(orjson.dumps(doc).decode())
+        return
+    state = doc["state"] + (" (flapping)" if doc["flapping"] else "")
+    state += f" (held by the guard: {doc['held_by']})" if doc["held_by"] else ""
+    state += " (maintenance)" if doc["muted"] else ""
+    click.echo(f"{service}/{instance}: {state}, last heartbeat {fmt_age(doc['age_ms'])} ago")
+    click.echo(f"  {doc['observer']}")
+    click.echo(f"  recent gaps (ms): {' '.join(map(str, doc['gaps_ms'])) or '-'}")
+    click.echo(f"  deadline: {doc['deadline']}")
+    if doc["state"] in ("alive", "suspect"):
+        click.echo(
+            f"  suspect in {doc['suspect_at_ms_from_now']} ms, "
+            f"dead in {doc['dead_at_ms_from_now']} ms (if nothing arrives)"
+        )
+    for w in doc["maintenance"]:
+        click.echo(f"  maintenance on {w['target']} for {fmt_age(w['left_ms'])}: {w['reason']}")
+    click.echo("  transitions (newest first):")
+    for event in doc["history"]:
+        flags = [f for f in ("muted", "resync") if event.get(f)]
+        if event.get("held"):
+            flags.append(f"held by {event['held']}")
+        note = f"  [{', '.join(flags)}]" if flags else ""
+        click.echo(f"    {fmt_event(event)}  prev={event['prev']}{note}")
+
+
+@cli.group()
+def detector() -> None:
+    """Adaptive deadlines per service (mean + k*sigma of the gaps), instead of the declared."""
+
+
+@detector.command("set")
+@click.argument("service")
+@click.option("--k", type=click.FloatRange(min=0.5), default=4.0, show_default=True)
+@click.option(
+    "--floor",
+    "floor_",
+    default="1s",
+    show_default=True,
+    help="never dead sooner than this after the last heartbeat",
+)
+@click.option(
+    "--ceiling",
+    default="30s",
+    show_default=True,
+    help="always dead at most this long after the last heartbeat",
+)
+@click.pass_context
+def detector_set(ctx: click.Context, service: str, k: float, floor_: str, ceiling: str) -> None:
+    """Judge SERVICE's instances on their own gaps (takes effect with their next heartbeats)."""
+    from hbbus.detect import DetectorConfig
+
+    check_name(service, "service")
+    floor_ms, ceiling_ms = ops.parse_duration_ms(floor_), ops.parse_duration_ms(ceiling)
+    if floor_ms > ceiling_ms:
+        raise ConfigError("--floor must not be above --ceiling")
+    config = DetectorConfig(k, floor_ms, ceiling_ms)
+    run_async(ops.detector_set(settings_of(ctx), service, config))
+    click.echo(
+        f"{service}: adaptive deadlines, k={k:g}, floor {floor_ms} ms, ceiling {ceiling_ms} ms"
+    )
+
+
+@detector.command("off")
+@click.argument("service")
+@click.pass_context
+def detector_off(ctx: click.Context, service: str) -> None:
+    """Back to the declared interval x misses."""
+    run_async(ops.detector_off(settings_of(ctx), check_name(service, "service")))
+    click.echo(f"{service}: declared deadlines")
+
+
+@detector.command("list")
+@click.pass_context
+def detector_list(ctx: click.Context) -> None:
+    """Services with adaptive deadlines."""
+    configured = run_async(ops.detectors(settings_of(ctx)))
+    for service, config in configured.items():
+        click.echo(
+            f"{service}: k={config.k:g} floor={config.floor_ms} ms ceiling={config.ceiling_ms} ms"
+        )
+    if not configured:
+        click.echo("no service has adaptive deadlines")
+
+
 @cli.group()
 def guard() -> None:
     """The mass-expiry guard: what it holds, and releasing it."""

@@ -141,6 +141,11 @@ class Names:
         """Sorted set: flapping instance -> when to check whether it has been stable."""
         return f"{self.key_prefix}flapcheck"
 
+    @property
+    def detectors_key(self) -> str:
+        """Hash: service -> "<k> <floor ms> <ceiling ms>" (adaptive deadlines)."""
+        return f"{self.key_prefix}detectors"
+
     def held_key(self, scope: str) -> str:
         """Sorted set of the deaths a tripped scope holds (``service:api``, ``zone:eu-1``)."""
         return f"{self.key_prefix}held:{scope}"

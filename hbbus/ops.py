@@ -14,6 +14,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from hbbus.amqp import AMQP_ERRORS, connect, declare_events, declare_heartbeats
+from hbbus.detect import DetectorConfig, GapStats, explain
 from hbbus.errors import ConfigError, NotFound, Unavailable
 from hbbus.names import Names
 from hbbus.settings import Settings, redact
@@ -152,6 +153,73 @@ async def guard_release(settings: Settings, scopes: list[str]) -> tuple[int, lis
             f"nothing is held for {', '.join(scopes)} in namespace {settings.namespace!r}"
         )
     return released, done
+
+
+async def detector_set(settings: Settings, service: str, config: DetectorConfig) -> None:
+    async with open_store(settings) as store:
+        await store.detector_set(service, config)
+
+
+async def detector_off(settings: Settings, service: str) -> None:
+    async with open_store(settings) as store:
+        if not await store.detector_off(service):
+            raise NotFound(f"service {service!r} has no adaptive detector")
+
+
+async def detectors(settings: Settings) -> dict[str, DetectorConfig]:
+    async with open_store(settings) as store:
+        return await store.detectors()
+
+
+async def why(settings: Settings, service: str, instance: str) -> dict[str, Any]:
+    """Everything that explains an instance's verdict: its gaps, its deadline and how it was
+    computed, what the observer, maintenance, the guard and flap damping are doing to it,
+    and its transitions."""
+    async with open_store(settings) as store:
+        now_ms = await store.time_ms()
+        record = await store.record(service, instance)
+        if record is None:
+            raise NotFound(f"no instance {service}/{instance} in namespace {settings.namespace!r}")
+        config = (await store.detectors()).get(service)
+        windows = [
+            w
+            for w in await store.maintenance()
+            if w["target"] in (service, f"{service}/{instance}")
+        ]
+        observer = await store.observer()
+        history = await store.history(service, instance, 20)
+    row = record_row(record, now_ms)
+    ivl, dttl = int(record.get("ivl", 0)), int(record.get("dttl", record.get("ttl", 0)))
+    stats = GapStats(
+        int(record.get("gn", 0)),
+        float(record.get("gm", 0)),
+        float(record.get("gv", 0)),
+        [int(g) for g in record.get("gaps", "").split()],
+    )
+    sus = record.get("sus", "")
+    if config is None:
+        how = (
+            f"declared: interval {ivl} ms x {dttl // max(ivl, 1)} misses = {dttl} ms"
+            f" (clamped by the aggregator); suspect after 1.5 intervals"
+        )
+    else:
+        how = explain(stats, config, dttl)
+    last = int(record.get("last", 0))
+    ttl = int(record.get("ttl", 0))
+    return {
+        **row,
+        "detector": config.encode() if config else "declared",
+        "gaps_ms": stats.recent,
+        "gap_mean_ms": round(stats.mean, 1) if config else None,
+        "gap_sigma_ms": round(stats.sigma, 1) if config else None,
+        "deadline": how,
+        "suspect_at_ms_from_now": (last + (int(sus) if sus else ivl * 3 // 2)) - now_ms,
+        "dead_at_ms_from_now": last + ttl - now_ms,
+        "observer": observer_line(observer),
+        "maintenance": windows,
+        "held_by": record.get("held") or None,
+        "history": history,
+    }
 
 
 async def show(

@@ -27,6 +27,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from hbbus.detect import DetectorConfig
 from hbbus.errors import Unavailable
 from hbbus.names import Names
 from hbbus.settings import NAME_RE, Settings, redact
@@ -137,6 +138,7 @@ class Store:
             names.maintenance_key,
             names.guard_key,
             names.flapcheck_key,
+            names.detectors_key,
         ]
         self._common: list[Any] = [
             names.key_prefix,
@@ -270,6 +272,17 @@ class Store:
             held = await self.redis.zrange(self.names.held_key(scope), 0, -1)
             out.append({"scope": scope, "tripped_ms_ago": now_ms - tripped_ms, "held": held})
         return out
+
+    # -- adaptive detectors ------------------------------------------------------------------
+    async def detector_set(self, service: str, config: DetectorConfig) -> None:
+        await self.redis.hset(self.names.detectors_key, service, config.encode())
+
+    async def detector_off(self, service: str) -> bool:
+        return bool(await self.redis.hdel(self.names.detectors_key, service))
+
+    async def detectors(self) -> dict[str, DetectorConfig]:
+        raw: dict[str, str] = await self.redis.hgetall(self.names.detectors_key)  # type: ignore[assignment]
+        return {svc: DetectorConfig.decode(v) for svc, v in sorted(raw.items())}
 
     # -- maintenance -------------------------------------------------------------------------
     async def maintenance_on(self, target: str, duration_ms: int, reason: str) -> int:

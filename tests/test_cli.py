@@ -312,3 +312,25 @@ def test_maintenance_commands(settings):
     assert missing.exit_code == EXIT_NOT_FOUND and "no maintenance window" in missing.output
     bad = invoke(settings, "maintenance", "on", "api", "--for", "soon", "--reason", "x")
     assert bad.exit_code == 2 and "invalid duration 'soon'" in bad.output
+
+
+def test_detector_and_why(settings):
+    assert (
+        invoke(settings, "detector", "list").output.strip() == "no service has adaptive deadlines"
+    )
+    ok = invoke(settings, "detector", "set", "api", "--k", "5", "--floor", "2s", "--ceiling", "1m")
+    assert ok.exit_code == 0 and "k=5, floor 2000 ms, ceiling 60000 ms" in ok.output
+    assert "api: k=5 floor=2000 ms ceiling=60000 ms" in invoke(settings, "detector", "list").output
+    bad = invoke(settings, "detector", "set", "api", "--floor", "10s", "--ceiling", "1s")
+    assert bad.exit_code == 2 and "--floor must not be above --ceiling" in bad.output
+    seed(settings, Heartbeat("api", "api-1", "inc1", 1, 60_000, 3, 0, "ok", {}))
+    why = invoke(settings, "why", "api/api-1")
+    assert why.exit_code == 0, why.output
+    assert "deadline: warming up (0 of 20 gaps)" in why.output
+    assert "transitions (newest first):" in why.output and "joined" in why.output
+    doc = orjson.loads(invoke(settings, "why", "--json", "api/api-1").output)
+    assert doc["detector"] == "5 2000 60000" and doc["history"][0]["kind"] == "joined"
+    assert invoke(settings, "detector", "off", "api").exit_code == 0
+    assert invoke(settings, "detector", "off", "api").exit_code == EXIT_NOT_FOUND
+    assert "declared: interval 60000 ms x 3 misses" in invoke(settings, "why", "api/api-1").output
+    assert invoke(settings, "why", "api/nope").exit_code == EXIT_NOT_FOUND

@@ -185,3 +185,28 @@ async def _status_row(settings):
 
     [row] = await ops.status(settings, "sus")
     return row
+
+
+async def test_adaptive_deadlines_no_false_dead_under_jitter_and_stop_within_ceiling(
+    settings, aggregators, sink
+):
+    import random
+
+    from hbbus.detect import DetectorConfig
+    from hbbus.store import Store
+
+    store = Store.from_settings(settings)
+    try:
+        await store.detector_set("sus", DetectorConfig(k=4, floor_ms=100, ceiling_ms=1000))
+    finally:
+        await store.close()
+    await aggregators(1)
+    rng = random.Random(11)
+    for seq in range(1, 61):  # declared 200 ms x 4 = 800 ms; gaps 100..400 ms (0.5x..2x)
+        await publish_beat(settings, seq)
+        await asyncio.sleep(rng.uniform(0.1, 0.4))
+    assert sink.of("dead") == [], "no false dead under jitter"
+    dead = await sink.wait_for("dead", "s-1", timeout_s=5)
+    silent = dead[0]["at_ms"] - dead[0]["last_seen_ms"]
+    assert silent <= 1000 + 250, f"dead after {silent} ms; the ceiling is 1000 ms"
+    assert dead[0]["ttl_ms"] <= 1000

@@ -326,3 +326,29 @@ async def test_flapping_is_announced_once_then_coalesced_until_stable(settings):
         assert (await store.record("svc", "a"))["flapping"] == ""
     finally:
         await store.close()
+
+
+async def test_adaptive_deadline_in_lua_matches_the_python_maths(store):
+    from hbbus.detect import DetectorConfig, GapStats, deadlines
+
+    config = DetectorConfig(k=4, floor_ms=50, ceiling_ms=5000)
+    await store.detector_set("svc", config)
+    rng = __import__("random").Random(7)
+    for seq in range(1, 27):
+        await ingest(store, hb(seq))
+        await asyncio.sleep(rng.uniform(0.02, 0.06))
+    record = await store.record("svc", "a")
+    stats = GapStats(
+        int(record["gn"]),
+        float(record["gm"]),
+        float(record["gv"]),
+        [int(g) for g in record["gaps"].split()],
+    )
+    assert stats.n == 25 and len(stats.recent) == 20
+    dead_after, suspect_after = deadlines(stats, config, int(record["dttl"]))
+    assert abs(int(record["ttl"]) - dead_after) <= 1, (record, dead_after)
+    assert record["sus"] == "" or abs(int(record["sus"]) - (suspect_after or 0)) <= 1
+    assert int(record["ttl"]) != int(record["dttl"]), "adaptive, not the declared TTL"
+    assert await store.detector_off("svc")
+    await ingest(store, hb(30))
+    assert (await store.record("svc", "a"))["ttl"] == "200", "declared again"

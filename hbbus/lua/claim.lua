@@ -111,13 +111,13 @@ end
 local function failing_in(scope, dying)
   local total, failing, names = 0, 0, {}
   for _, m in ipairs(redis.call('SMEMBERS', members_key(scope))) do
-    local f = redis.call('HMGET', P .. 'inst:' .. m, 'state', 'since', 'last', 'ivl', 'ttl')
+    local f = redis.call('HMGET', P .. 'inst:' .. m, 'state', 'since', 'last', 'ivl', 'ttl', 'sus')
     local recent = f[1] == 'dead' and tonumber(f[2]) > NOW - MASS_WINDOW
     if f[1] == 'alive' or f[1] == 'suspect' or recent then
       total = total + 1
       -- overdue counts as failing even before the reaper got to it (after a long hold, a
       -- whole burst can become due in one step)
-      local overdue = f[1] == 'alive' and next_due('alive', tonumber(f[3]), f[4], f[5]) <= NOW
+      local overdue = f[1] == 'alive' and next_due('alive', tonumber(f[3]), f[4], f[5], f[6]) <= NOW
       if f[1] ~= 'alive' or overdue or m == dying then
         failing = failing + 1
         names[#names + 1] = m
@@ -222,7 +222,7 @@ local function judge(id, rkey, r, horizon)
       return
     end
   end
-  local due = next_due(state, last, r[11], ttl)
+  local due = next_due(state, last, r[11], ttl, r[15])
   if due > horizon then
     redis.call('ZADD', K_DEADLINES, due, id)
     return
@@ -273,7 +273,7 @@ end
 for _, id in ipairs(due) do
   local rkey = P .. 'inst:' .. id
   local r = redis.call('HMGET', rkey, 'state', 'last', 'ttl', 'since', 'svc', 'inst', 'inc',
-    'seq', 'meta', 'ord', 'ivl', 'muted', 'zone', 'held')
+    'seq', 'meta', 'ord', 'ivl', 'muted', 'zone', 'held', 'sus')
   if not r[1] then
     purge(id)
   elseif r[1] == 'alive' or r[1] == 'suspect' then

@@ -3,7 +3,8 @@
 --       observers (aggregator -> "probe_ms seen_ms"), observer (the observer's own state),
 --       maintenance (service or service/instance -> "until_ms reason"),
 --       guard (tripped scope -> "tripped_ms last_release_ms"),
---       flapcheck (flapping instance -> when to see whether it is stable)
+--       flapcheck (flapping instance -> when to see whether it is stable),
+--       detectors (service -> "k floor_ms ceiling_ms": adaptive deadlines)
 -- ARGV[1] key prefix "{ns}:" (per-instance keys: same hash tag, same slot)
 -- ARGV[2] lease_ms   ARGV[3] retention_ms   ARGV[4] log max length   ARGV[5] history length
 -- ARGV[6] observer_ttl_ms   ARGV[7] degraded_after_ms   ARGV[8] grace_ms
@@ -29,7 +30,7 @@ local S = 17
 local K_DEADLINES, K_INSTANCES = KEYS[1], KEYS[2]
 local K_OUTBOX, K_BODY, K_LEASE, K_PENDING = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local K_LOG, K_OBSERVERS, K_OBSERVER, K_MAINT = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local K_GUARD, K_FLAPCHECK = KEYS[11], KEYS[12]
+local K_GUARD, K_FLAPCHECK, K_DETECTORS = KEYS[11], KEYS[12], KEYS[13]
 local NO_CLAIM = false  -- true: events wait in the outbox for a reaper (callers that do not publish)
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -153,8 +154,9 @@ end
 
 -- When the instance is next due: suspect half an interval after a missed heartbeat (if that
 -- comes before the TTL), else dead at the TTL.
-local function next_due(state, last, ivl, ttl)
+local function next_due(state, last, ivl, ttl, sus)
   local suspect_at = last + math.floor(tonumber(ivl) * 1.5)
+  if sus and sus ~= '' then suspect_at = last + tonumber(sus) end
   local dead_at = last + tonumber(ttl)
   if state == 'alive' and suspect_at < dead_at then return suspect_at end
   return dead_at

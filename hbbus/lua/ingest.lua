@@ -47,6 +47,62 @@ local function verdict(state, cinc, cseq, pinc, inc, seq, st)
   return true, false, false
 end
 
+-- Adaptive deadlines (opt-in per service): an exponentially weighted mean and variance of the
+-- inter-arrival gaps; dead after clamp(max(mean + k * sigma, 1.6 * longest of the last 20
+-- gaps), floor, ceiling) with sigma at least mean / 4; suspect after clamp(mean + 2 * sigma)
+-- when that comes first. The declared TTL (clamped) until 20 gaps are known.
+-- hbbus/detect.py is the same maths in Python (`hbbus why`, the tests): keep them together.
+local ALPHA, WARMUP, KEEP, SIGMA_FLOOR, ENVELOPE = 0.125, 20, 20, 0.25, 1.6
+local detectors = {}
+local function detector(svc)
+  if detectors[svc] == nil then
+    local v = redis.call('HGET', K_DETECTORS, svc)
+    detectors[svc] = false
+    if v then
+      local k, floor, ceil = string.match(v, '^(%S+) (%S+) (%S+)$')
+      detectors[svc] = {tonumber(k), tonumber(floor), tonumber(ceil)}
+    end
+  end
+  return detectors[svc]
+end
+
+local function clamp(x, lo, hi) return math.max(lo, math.min(hi, x)) end
+
+local function adapt(fields, det, cur, continued, dttl, ivl)
+  local n, m, v = tonumber(cur[10]) or 0, tonumber(cur[11]) or 0, tonumber(cur[12]) or 0
+  local gaps = cur[13] or ''
+  if continued and cur[9] then
+    local gap = NOW - tonumber(cur[9])
+    if n == 0 then
+      m, v = gap, 0
+    else
+      local d = gap - m
+      m = m + ALPHA * d
+      v = (1 - ALPHA) * (v + ALPHA * d * d)
+    end
+    n = n + 1
+    local list = {}
+    for g in string.gmatch(gaps, '%d+') do list[#list + 1] = g end
+    list[#list + 1] = string.format('%d', gap)
+    while #list > KEEP do table.remove(list, 1) end
+    gaps = table.concat(list, ' ')
+  end
+  local longest = 0
+  for g in string.gmatch(gaps, '%d+') do longest = math.max(longest, tonumber(g)) end
+  for _, kv in ipairs({{'gn', n}, {'gm', string.format('%.1f', m)},
+                       {'gv', string.format('%.1f', v)}, {'gaps', gaps}}) do
+    fields[#fields + 1] = kv[1]
+    fields[#fields + 1] = kv[2]
+  end
+  local k, floor, ceil = det[1], det[2], det[3]
+  if n < WARMUP then return clamp(tonumber(dttl), floor, ceil), '' end
+  local sigma = math.max(math.sqrt(v), m * SIGMA_FLOOR)
+  local dead_after = math.floor(clamp(math.max(m + k * sigma, ENVELOPE * longest), floor, ceil))
+  local suspect_after = math.floor(clamp(m + 2 * sigma, floor, ceil))
+  if suspect_after >= dead_after then return dead_after, '' end
+  return dead_after, suspect_after
+end
+
 for i = 0, n - 1 do
   local b = B + i * 10
   local svc, inst, inc, seq = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
@@ -55,7 +111,7 @@ for i = 0, n - 1 do
   local id = svc .. '/' .. inst
   local rkey = P .. 'inst:' .. id
   local cur = redis.call('HMGET', rkey, 'state', 'inc', 'seq', 'pinc', 'ord', 'muted', 'held',
-    'zone')
+    'zone', 'last', 'gn', 'gm', 'gv', 'gaps')
   local state = cur[1]
   local accept, kind, newinc = verdict(state, cur[2], cur[3], cur[4], inc, seq, st)
   if not accept then
@@ -66,9 +122,20 @@ for i = 0, n - 1 do
       newstate = 'left'
       if state ~= 'left' or newinc then kind = 'left' else kind = false end
     end
-    local fields = {'svc', svc, 'inst', inst, 'inc', inc, 'seq', seq, 'ivl', ivl, 'ttl', ttl,
+    local dttl = ttl
+    local sus = ''
+    local det = detector(svc)
+    local fields = {'svc', svc, 'inst', inst, 'inc', inc, 'seq', seq, 'ivl', ivl, 'dttl', dttl,
       'last', NOW, 'sent', sent, 'status', st, 'meta', meta, 'state', newstate, 'muted', '0',
       'held', '', 'zone', zone}
+    if det then
+      local continued = (state == 'alive' or state == 'suspect') and not newinc
+      ttl, sus = adapt(fields, det, cur, continued, dttl, ivl)
+    end
+    fields[#fields + 1] = 'ttl'
+    fields[#fields + 1] = ttl
+    fields[#fields + 1] = 'sus'
+    fields[#fields + 1] = sus
     -- back from a death (or suspicion) that maintenance or the guard kept quiet: quiet too
     local muted = cur[6] == '1' and (kind == 'recovered' or kind == 'alive')
     if cur[7] and cur[7] ~= '' then  -- a held death is dropped: the instance came back
@@ -100,7 +167,7 @@ for i = 0, n - 1 do
     redis.call('HSET', rkey, unpack(fields))
     if newstate == 'alive' then
       redis.call('SET', P .. 'alive:' .. id, '1', 'PX', ttl)
-      redis.call('ZADD', K_DEADLINES, next_due('alive', NOW, ivl, ttl), id)
+      redis.call('ZADD', K_DEADLINES, next_due('alive', NOW, ivl, ttl, sus), id)
     else
       redis.call('DEL', P .. 'alive:' .. id)
       redis.call('ZADD', K_DEADLINES, NOW + RETENTION, id)
