@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -352,3 +353,32 @@ async def test_adaptive_deadline_in_lua_matches_the_python_maths(store):
     assert await store.detector_off("svc")
     await ingest(store, hb(30))
     assert (await store.record("svc", "a"))["ttl"] == "200", "declared again"
+
+
+async def test_held_deaths_can_be_released_by_themselves_at_a_limited_rate(settings):
+    config = StoreConfig(
+        lease_ms=200, retention_ms=60_000, release_after_ms=300, release_every_ms=150
+    )
+    store = Store.from_settings(settings, config)
+    try:
+        await ingest(store, *[hb(1, inst=f"r{i}") for i in range(4)])
+        await asyncio.sleep(0.3)
+        first = (await claim(store)).events
+        await store.finalize(e.id for e in first)
+        assert kinds(first) == ["mass-expiry"]
+        released_at = []
+        while len(released_at) < 4:
+            result = await claim(store)
+            await store.finalize(e.id for e in result.events)
+            released_at += [
+                asyncio.get_running_loop().time()
+                for e in result.events
+                if e.routing_key.startswith("dead.")
+            ]
+            await asyncio.sleep(0.02)
+        gaps = [b - a for a, b in itertools.pairwise(released_at)]
+        assert all(g >= 0.12 for g in gaps), gaps  # one per 150 ms (Redis vs loop clock)
+        [tripped] = await store.guard()  # the guard itself lasts its window
+        assert tripped["held"] == []
+    finally:
+        await store.close()
