@@ -377,11 +377,21 @@ class Store:
         """Remove every trace of one instance. Returns whether it was known."""
         iid = f"{service}/{instance}"
         n = self.names
+        fields: list[str | None] = await self.redis.hmget(  # type: ignore[assignment]
+            n.record_key(service, instance), "zone", "held"
+        )
+        zone, held = fields
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(n.record_key(service, instance))
             pipe.delete(n.alive_key(service, instance), n.history_key(service, instance))
             pipe.zrem(n.deadlines_key, iid)
+            pipe.zrem(n.flapcheck_key, iid)
             pipe.srem(n.instances_key, iid)
+            pipe.srem(n.service_members_key(service), iid)
+            if zone:
+                pipe.srem(f"{n.key_prefix}zone:{zone}", iid)
+            if held:
+                pipe.zrem(n.held_key(held), iid)
             existed, *_ = await pipe.execute()
         return bool(existed)
 
