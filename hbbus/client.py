@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
 import secrets
 import threading
 import time
@@ -335,9 +334,3 @@ class SyncHeartbeater:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(leave=True)
-
-
-def default_instance_name() -> str:
-    """``<hostname>-<pid>``, trimmed to a valid name."""
-    host = "".join(c if c.isalnum() or c in "_-" else "-" for c in os.uname().nodename)
-    return f"{host[:50]}-{os.getpid()}"[:64]

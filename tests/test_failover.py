@@ -72,7 +72,9 @@ def consumer_with(settings, handler, group="g", bindings=("dead.#",), kinds=("de
     return consumer
 
 
-async def test_events_published_while_no_consumer_runs_are_handled_on_start(settings, aggregators):
+async def test_events_published_while_no_consumer_runs_are_handled_on_start(
+    settings, aggregators, sink
+):
     seen = []
 
     async def handler(e):
@@ -84,9 +86,9 @@ async def test_events_published_while_no_consumer_runs_are_handled_on_start(sett
     await aggregators(1)
     hb = Heartbeater("app", "app-1", interval_s=0.1, misses=2, settings=settings)
     await hb.start()
-    await asyncio.sleep(0.3)
+    await sink.wait_for("joined", "app-1")
     await hb.abort()
-    await asyncio.sleep(0.6)
+    await sink.wait_for("dead", "app-1", timeout_s=5)  # published while no member runs
     assert seen == []
     async with running(
         consumer_with(settings, handler, bindings=["*.app.*"], kinds=("joined", "dead"))

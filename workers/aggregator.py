@@ -90,7 +90,6 @@ class EventPublisher:
     def __init__(self, exchange: AbstractExchange, store: Store) -> None:
         self.exchange = exchange
         self.store = store
-        self.published = 0
 
     async def _one(self, event: OutEvent) -> bool:
         message = aio_pika.Message(
@@ -126,7 +125,6 @@ class EventPublisher:
             await self.store.finalize(e.id for e in done)
             for event in done:
                 metrics.EVENTS.labels(event_kind(event.routing_key)).inc()
-            self.published += len(done)
         return len(done)
 
 
