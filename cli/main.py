@@ -383,21 +383,43 @@ def failover() -> None:
 
 
 @failover.command("run")
-@click.option("--group", required=True, help="consumer group (one durable queue per group)")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="failover.toml with several actions (see the README); excludes the flags below",
+)
+@click.option("--group", help="consumer group (one durable queue per group)")
 @click.option(
     "--bind",
     "bindings",
     multiple=True,
-    required=True,
     metavar="PATTERN",
     help="event routing-key pattern, e.g. 'dead.db.*' (repeatable)",
 )
 @click.option(
     "--exec",
     "command",
-    required=True,
     help="shell command run once per event, event JSON on stdin; non-zero exit = failure = retry",
 )
+@click.option("--webhook", metavar="URL", help="POST each event to URL, signed (--secret-env)")
+@click.option("--secret-env", metavar="VAR", help="webhook: the HMAC secret's env variable")
+@click.option(
+    "--haproxy",
+    "sockets",
+    multiple=True,
+    metavar="SOCKET",
+    help="HAProxy runtime API (path, unix:PATH or host:port; repeatable)",
+)
+@click.option(
+    "--server",
+    default="{service}/{instance}",
+    show_default=True,
+    help="haproxy: backend/server template",
+)
+@click.option("--down-state", type=click.Choice(["maint", "drain"]), default="maint")
+@click.option("--routes", is_flag=True, help="keep the routing tables (hbbus routes, Router)")
+@click.option("--redis-promote", metavar="SERVICE", help="promote replicas of this Redis group")
 @click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option(
     "--backoff",
@@ -410,38 +432,89 @@ def failover() -> None:
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0.1),
-    default=60.0,
-    show_default=True,
-    help="seconds before the command is killed (a failure)",
+    default=None,
+    help="seconds an action may take (exec: 60, webhook: 5, haproxy: 5, redis-promote: 2)",
 )
 @verbose_option
 @click.pass_context
-def failover_run(
-    ctx: click.Context,
-    group: str,
-    bindings: tuple[str, ...],
-    command: str,
-    max_retries: int,
-    backoff: float,
-    max_backoff: float,
-    timeout: float,
-) -> None:
-    """Run COMMAND once per event matching the bindings (until SIGTERM)."""
-    from hbbus.failover import RetryPolicy
-    from hbbus.workers.failover_runner import exec_consumer
+def failover_run(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
+    """Run failover actions until SIGTERM: every action of --config, or the one the flags
+    describe (--exec, --webhook, --haproxy, --routes or --redis-promote, with --group)."""
+    from hbbus.workers.failover_runner import build_consumer, load_config, run_consumers
 
+    if config_path and any(flags[k] for k in (*ACTION_FLAGS, "group", "bindings")):
+        raise ConfigError("--config excludes --group, --bind and the single-action flags")
+    specs = load_config(config_path) if config_path else [single_action_spec(flags)]
     worker_logging(ctx)
-    retry = RetryPolicy(max_retries=max_retries, base_s=backoff, max_s=max(backoff, max_backoff))
-    consumer = exec_consumer(
-        settings_of(ctx), group, bindings, command, retry=retry, timeout_s=timeout
-    )
+    consumers = [build_consumer(settings_of(ctx), spec) for spec in specs]
 
     async def main() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        await consumer.run(stop)
+        await run_consumers(consumers, stop)
 
     run_async(main())
+
+
+ACTION_FLAGS = ("command", "webhook", "sockets", "routes", "redis_promote")
+
+
+def single_action_spec(flags: dict[str, Any]) -> Any:
+    """The ActionSpec the single-action flags of ``failover run`` describe."""
+    from hbbus.failover import RetryPolicy
+    from hbbus.workers.failover_runner import ActionSpec, check_spec
+
+    chosen = [k for k in ACTION_FLAGS if flags[k]]
+    if len(chosen) != 1:
+        raise ConfigError(
+            "give --config, or exactly one of --exec, --webhook, --haproxy, --routes, "
+            "--redis-promote (with --group)"
+        )
+    if not flags["group"]:
+        raise ConfigError("--group is required without --config")
+    raw: dict[str, Any] = {"name": flags["group"]}
+    if flags["bindings"]:
+        raw["bind"] = list(flags["bindings"])
+    kind = chosen[0]
+    if kind == "command":
+        raw.update(type="exec", command=flags["command"])
+    elif kind == "webhook":
+        raw.update(type="webhook", url=flags["webhook"])
+        if flags["secret_env"]:
+            raw["secret_env"] = flags["secret_env"]
+    elif kind == "sockets":
+        raw.update(
+            type="haproxy",
+            sockets=list(flags["sockets"]),
+            server=flags["server"],
+            down_state=flags["down_state"],
+        )
+    elif kind == "routes":
+        raw["type"] = "routes"
+    else:
+        raw.update(type="redis-promote", service=flags["redis_promote"])
+    if flags["timeout"] is not None:
+        raw["timeout_s"] = flags["timeout"]
+    spec: ActionSpec = check_spec(raw, {}, "flags")
+    spec.retry = RetryPolicy(
+        max_retries=flags["max_retries"],
+        base_s=flags["backoff"],
+        max_s=max(flags["backoff"], flags["max_backoff"]),
+    )
+    return spec
+
+
+@failover.command("check")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def failover_check(config_path: str) -> None:
+    """Check a failover config file and print its actions (no connection is made)."""
+    from hbbus.workers.failover_runner import load_config
+
+    for spec in load_config(config_path):
+        click.echo(
+            f"{spec.name:<16} {spec.type:<14} bind {', '.join(spec.bindings)}  "
+            f"(retries {spec.retry.max_retries}, backoff {spec.retry.base_s:g}s)"
+        )
 
 
 @failover.command("dlq")
@@ -463,6 +536,113 @@ def failover_dlq(ctx: click.Context, group: str, replay: bool, limit: int, as_js
             click.echo(f"{item['body']}\n    attempts={item['attempts']} error={item['error']}")
     if not as_json:
         click.echo(f"{len(items)} {'replayed' if replay else 'dead-lettered'} events", err=True)
+
+
+@cli.group()
+def sidecar() -> None:
+    """Heartbeat on behalf of a server that cannot (Redis)."""
+
+
+@sidecar.command("redis")
+@click.option("--addr", required=True, metavar="HOST:PORT", help="the redis-server to watch")
+@click.option("--service", required=True, help="the service (the group of servers)")
+@click.option("--instance", help="instance name [default: redis-HOST-PORT]")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True)
+@click.option("--misses", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--password-env", metavar="VAR", help="environment variable with its password")
+@verbose_option
+@click.pass_context
+def sidecar_redis(
+    ctx: click.Context,
+    addr: str,
+    service: str,
+    instance: str | None,
+    interval: float,
+    misses: int,
+    password_env: str | None,
+) -> None:
+    """Heartbeat for a redis-server with its role and replication offset in meta; a server
+    that does not answer stops the heartbeats. SIGTERM sends `left`."""
+    import os
+
+    from hbbus.workers.redis_failover import parse_addr
+    from hbbus.workers.sidecar import run_redis_sidecar
+
+    parse_addr(addr)
+    check_name(service, "service")
+    if instance is not None:
+        check_name(instance, "instance")
+    password = None
+    if password_env:
+        password = os.environ.get(password_env)
+        if password is None:
+            raise ConfigError(f"--password-env: {password_env} is not set")
+    worker_logging(ctx)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await run_redis_sidecar(
+            settings_of(ctx),
+            addr,
+            service=service,
+            instance=instance,
+            interval_s=interval,
+            misses=misses,
+            password=password,
+            stop=stop,
+        )
+
+    run_async(main())
+
+
+def routes_table(table: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    title = (
+        f"{table['service']}: version {table['version']}, epoch {table['epoch']}, "
+        f"primary {table['primary'] or '-'}"
+    )
+    out = Table(title=title, title_justify="left", header_style="bold")
+    for col in ("instance", "endpoint", "role", "weight", "load", "route", "since", "reason"):
+        out.add_column(col, no_wrap=col != "reason")
+    now_ms = time.time() * 1000
+    for e in table["endpoints"]:
+        route = "[red]fenced" if e["fenced"] else "[green]yes" if e["routable"] else "[dim]no"
+        out.add_row(
+            e["instance"],
+            e["endpoint"],
+            e["role"] or "-",
+            str(e["weight"]),
+            "-" if e["load"] is None else f"{e['load']:g}",
+            route,
+            fmt_age(int(now_ms - e["since_ms"])) if e["since_ms"] else "-",
+            e["reason"],
+        )
+    return out
+
+
+@cli.command()
+@click.argument("service", required=False)
+@click.option("--json", "as_json", is_flag=True, help="one JSON array of tables")
+@click.pass_context
+def routes(ctx: click.Context, service: str | None, as_json: bool) -> None:
+    """The routing tables (of SERVICE): endpoints, roles, which are routable, the fencing
+    epoch and the primary."""
+    if service is not None:
+        check_name(service, "service")
+    tables = run_async(ops.routes(settings_of(ctx), service))
+    if as_json:
+        click.echo(orjson.dumps(tables).decode())
+        return
+    if not tables:
+        click.echo("no routing tables (is a routes or redis-promote action running?)")
+        return
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    for table in tables:
+        console.print(routes_table(table))
 
 
 # -- operators -------------------------------------------------------------------------------------

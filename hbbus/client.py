@@ -22,7 +22,7 @@ import aio_pika
 import orjson
 
 from hbbus.amqp import AMQP_ERRORS, connect, declare_heartbeats
-from hbbus.errors import ConfigError, Unavailable
+from hbbus.errors import ConfigError, SkipBeat, Unavailable
 from hbbus.names import Names
 from hbbus.runtime import sleep_or_stop, wait_event
 from hbbus.settings import Settings, check_name
@@ -85,6 +85,7 @@ class Heartbeater:
         self.seq = 0
         self.sent = 0
         self.dropped = 0
+        self.skipped = 0
         self.connects = 0
         self._meta: MetaSource = _check_meta(meta) if isinstance(meta, dict) else meta
         self._last_meta: Meta = dict(meta) if isinstance(meta, dict) else {}
@@ -223,6 +224,8 @@ class Heartbeater:
             if value is not None:
                 self._last_meta = _check_meta(dict(value) if isinstance(value, dict) else value)
             self._meta_failing = False
+        except SkipBeat:
+            raise
         except Exception as exc:
             if not self._meta_failing:
                 log.warning("%r: meta is unusable (%s); sending the last good meta", self, exc)
@@ -232,6 +235,12 @@ class Heartbeater:
     async def _publish(
         self, exchange: aio_pika.abc.AbstractExchange, status: str, timeout_s: float
     ) -> None:
+        try:
+            meta = await self._resolve_meta()
+        except SkipBeat as exc:
+            self.skipped += 1
+            log.debug("%r: beat skipped: %s", self, exc)
+            return
         self.seq += 1
         beat = Heartbeat(
             self.service,
@@ -242,7 +251,7 @@ class Heartbeater:
             self.misses,
             int(time.time() * 1000),
             status,
-            await self._resolve_meta(),
+            meta,
         )
         message = aio_pika.Message(
             beat.encode(),

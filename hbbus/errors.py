@@ -42,3 +42,8 @@ class ActionFailed(HbbusError):
 
 class PermanentFailure(ActionFailed):
     """Raised by a failover handler when retrying cannot help: the event goes to the DLQ."""
+
+
+class SkipBeat(HbbusError):
+    """Raised by a heartbeater's meta callable to say that what the heartbeat vouches for is
+    not well (a sidecar's Redis does not answer): this beat is not sent."""

@@ -22,47 +22,63 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from hbbus import metrics
-from hbbus.amqp import AMQP_ERRORS, connect, declare_failover
+from hbbus.amqp import AMQP_ERRORS, connect, declare_events, declare_failover
 from hbbus.errors import ConfigError, DeliveryFailed, InvalidMessage, NotFound, PermanentFailure
 from hbbus.names import Names
 from hbbus.runtime import stop_reason
 from hbbus.settings import Settings, check_name
 from hbbus.store import connect_redis
-from hbbus.wire import EVENT_KINDS, Event, decode_event
+from hbbus.wire import ACTION_KINDS, EVENT_KINDS, Event, decode_event, new_event
 
 log = logging.getLogger("hbbus.failover")
 
 Handler = Callable[[Event], Awaitable[object]]
 ATTEMPT_HEADER = "x-hbbus-attempt"
+LOG_MAXLEN = 10_000  # the namespace log (StoreConfig.log_maxlen)
 
-# KEYS: done key, order hash, inflight key. ARGV: instance id, ord, lease_ms.
+# KEYS: done key, order hash, inflight key. ARGV: instance id, ord, lease_ms, token.
+# ord 0: an event that is not ordered against the instance's transitions (action events).
 _BEGIN = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'done' end
-local last = redis.call('HGET', KEYS[2], ARGV[1])
-if last and tonumber(last) > tonumber(ARGV[2]) then return 'stale' end
-if redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3]) then return 'run' end
+if tonumber(ARGV[2]) > 0 then
+  local last = redis.call('HGET', KEYS[2], ARGV[1])
+  if last and tonumber(last) > tonumber(ARGV[2]) then return 'stale' end
+end
+if redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[3]) then return 'run' end
 return 'busy'
 """
 # KEYS: done key, order hash, inflight key. ARGV: instance id, ord, done ttl (s).
 _FINISH = """
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
-local last = redis.call('HGET', KEYS[2], ARGV[1])
-if not last or tonumber(last) < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if tonumber(ARGV[2]) > 0 then
+  local last = redis.call('HGET', KEYS[2], ARGV[1])
+  if not last or tonumber(last) < tonumber(ARGV[2]) then
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  end
 end
 redis.call('DEL', KEYS[3])
 return 1
+"""
+# KEYS: inflight key. ARGV: token, lease_ms (0: release). Only the lease's holder renews it.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) == 0 then redis.call('DEL', KEYS[1]) return 1 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 
 
@@ -88,12 +104,33 @@ class RetryPolicy:
         return sorted({self.delay_ms(n) for n in range(1, max(self.max_retries, 1) + 1)})
 
 
+class Action:
+    """A reusable failover action (HAProxy, routing, promotion, webhook, exec): it handles
+    the event ``kinds`` it names, and may open connections when its consumer starts."""
+
+    type: ClassVar[str] = "handler"
+    kinds: ClassVar[frozenset[str]] = frozenset({"*"})
+
+    async def start(self, consumer: FailoverConsumer) -> None:
+        """Called once the consumer is connected, before the first event."""
+
+    async def close(self) -> None:
+        """Called when the consumer stops."""
+
+    async def handle(self, event: Event) -> object:
+        """Do the action for one event; return what was done (text), raise to retry."""
+        raise NotImplementedError
+
+
 class FailoverConsumer:
     """A member of consumer group ``group``. Register handlers with :meth:`on`, then ``run``.
 
     >>> consumer = FailoverConsumer(settings, "db", ["dead.db.*"])
     >>> @consumer.on("dead")
     ... async def promote(event): ...
+
+    A handler may return a short text (or a dict) saying what it did: it goes into the log
+    line and the ``action.succeeded`` event. ``action`` names the kind of action in both.
     """
 
     def __init__(
@@ -106,21 +143,33 @@ class FailoverConsumer:
         handler_timeout_s: float = 60.0,
         dedupe_ttl_s: int = 7 * 24 * 3600,
         concurrency: int = 1,
+        lease_ms: int = 5000,
+        action: str = "handler",
+        report: bool = True,
     ) -> None:
         self.settings = settings
         self.group = check_name(group, "group")
         if not bindings:
             raise ConfigError("a failover consumer needs at least one binding pattern")
+        if lease_ms < 300:
+            raise ConfigError("lease_ms must be at least 300")
         self.bindings = list(bindings)
         self.retry = retry or RetryPolicy()
         self.handler_timeout_s = handler_timeout_s
         self.dedupe_ttl_s = dedupe_ttl_s
         self.concurrency = concurrency
+        self.lease_ms = lease_ms
+        self.action = action
+        self.report = report
         self.names = Names(settings.namespace)
         self.handlers: dict[str, Handler] = {}
+        self.on_start: list[Callable[[FailoverConsumer], Awaitable[None]]] = []
+        self.on_stop: list[Callable[[], Awaitable[None]]] = []
         self.counts: Counter[str] = Counter()
         self.ready = asyncio.Event()
+        self.token = f"{os.getpid()}-{secrets.token_hex(6)}"
         self._channel: AbstractChannel | None = None
+        self._events: AbstractExchange | None = None
         self._redis: Redis | None = None
         self._in_flight: set[asyncio.Task[object]] = set()
 
@@ -137,6 +186,22 @@ class FailoverConsumer:
 
         return register
 
+    def add_action(self, action: Action) -> None:
+        """Run ``action`` for the kinds it handles (its type names it in logs and events)."""
+        if self.action == "handler":
+            self.action = action.type
+        for kind in sorted(action.kinds):
+            self.on(kind)(action.handle)
+        self.on_start.append(action.start)
+        self.on_stop.append(action.close)
+
+    @property
+    def redis(self) -> Redis:
+        """The consumer's Redis connection (while it runs), for handlers that keep state."""
+        if self._redis is None:
+            raise RuntimeError("the failover consumer is not running")
+        return self._redis
+
     def _key(self, what: str) -> str:
         return self.names.failover_key(self.group, what)
 
@@ -146,6 +211,7 @@ class FailoverConsumer:
         self._redis = redis
         self._begin = redis.register_script(_BEGIN)
         self._finish = redis.register_script(_FINISH)
+        self._renew = redis.register_script(_RENEW)
         try:
             await redis.ping()
             connection = await connect(self.settings, f"hbbus-failover {self.group}")
@@ -153,13 +219,17 @@ class FailoverConsumer:
                 channel = await connection.channel(publisher_confirms=True)
                 self._channel = channel
                 await channel.set_qos(prefetch_count=self.concurrency)
+                self._events = await declare_events(channel, self.names)
                 queue = await declare_failover(
                     channel, self.names, self.group, self.bindings, self.retry.delays_ms
                 )
+                for hook in self.on_start:
+                    await hook(self)
                 tag = await queue.consume(self._on_message)
                 log.info(
-                    "failover group %s consuming %s (%s)",
+                    "failover group %s (%s) consuming %s (%s)",
                     self.group,
+                    self.action,
                     queue.name,
                     ", ".join(self.bindings),
                 )
@@ -169,6 +239,9 @@ class FailoverConsumer:
                     await queue.cancel(tag)
                 await self._drain_in_flight()
         finally:
+            for closer in self.on_stop:
+                with contextlib.suppress(Exception):
+                    await closer()
             await redis.aclose()
         log.info(
             "failover group %s stopped on %s ◆ %d handled ◆ %d retried ◆ %d dead-lettered "
@@ -181,6 +254,29 @@ class FailoverConsumer:
             self.counts["duplicate"],
         )
         return self.counts
+
+    async def publish(self, event: Event) -> None:
+        """Publish an event an action made (``promoted``, ``action.*``) with a confirm, and
+        put it in the namespace's log so ``hbbus events`` shows it; DeliveryFailed if the
+        broker did not take it."""
+        assert self._events is not None and self._redis is not None
+        result = await self._events.publish(
+            aio_pika.Message(
+                event.raw,
+                message_id=event.id,
+                type=event.kind,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            event.routing_key,
+            mandatory=True,
+            timeout=10,
+        )
+        if not isinstance(result, aiormq.spec.Basic.Ack):
+            raise DeliveryFailed(f"the broker did not take the {event.kind} event")
+        await self._redis.xadd(
+            self.names.log_key, {"e": event.raw}, maxlen=LOG_MAXLEN, approximate=True
+        )
 
     async def _drain_in_flight(self) -> None:
         """Let the handlers in hand finish (they are bounded by the handler timeout)."""
@@ -231,8 +327,9 @@ class FailoverConsumer:
             self._key("order"),
             self._key(f"inflight:{event.id}"),
         ]
-        lease_ms = int((self.handler_timeout_s + 10) * 1000)
-        verdict = await self._begin(keys=keys, args=[event.instance_id, event.ord, lease_ms])
+        verdict = await self._begin(
+            keys=keys, args=[event.instance_id, event.ord, self.lease_ms, self.token]
+        )
         if verdict in ("done", "stale"):
             log.debug(
                 "failover %s: %s event %s skipped (%s)", self.group, event.kind, event.id, verdict
@@ -249,6 +346,25 @@ class FailoverConsumer:
             return "busy"
         return await self._run_handler(handler, event, message, keys, attempt)
 
+    async def _keep_lease(self, key: str) -> None:
+        """Renew the in-flight lease while the handler runs: a member that dies mid-handler
+        loses it within ``lease_ms``, and another member takes the event over."""
+        assert self._redis is not None
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            with contextlib.suppress(RedisError, OSError):
+                await self._renew(keys=[key], args=[self.token, self.lease_ms])
+
+    async def _call(self, handler: Handler, event: Event, lease_key: str) -> object:
+        keeper = asyncio.create_task(self._keep_lease(lease_key))
+        try:
+            async with asyncio.timeout(self.handler_timeout_s):
+                return await handler(event)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
     async def _run_handler(
         self,
         handler: Handler,
@@ -259,29 +375,55 @@ class FailoverConsumer:
     ) -> str:
         assert self._redis is not None
         try:
-            async with asyncio.timeout(self.handler_timeout_s):
-                await handler(event)
+            detail = await self._call(handler, event, keys[2])
         except asyncio.CancelledError:
             with contextlib.suppress(RedisError, OSError):
-                await self._redis.delete(keys[2])  # another member may take it at once
+                await self._renew(keys=[keys[2]], args=[self.token, 0])  # another may take it
             raise
         except Exception as exc:
-            await self._redis.delete(keys[2])
+            await self._renew(keys=[keys[2]], args=[self.token, 0])
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if isinstance(exc, TimeoutError):
                 error = f"handler timed out after {self.handler_timeout_s:g}s"
             return await self._failed(
                 event, message, attempt, error, permanent=isinstance(exc, PermanentFailure)
             )
+        text = _detail_text(detail)
+        await self._report(event, "action.succeeded", attempt, {"detail": text})
         await self._finish(keys=keys, args=[event.instance_id, event.ord, self.dedupe_ttl_s])
         log.info(
-            "failover %s: %s %s handled (attempt %d)",
+            "failover %s (%s): %s %s handled (attempt %d)%s",
             self.group,
+            self.action,
             event.kind,
             event.instance_id,
             attempt + 1,
+            f": {text}" if text else "",
         )
         return "handled"
+
+    async def _report(self, event: Event, kind: str, attempt: int, data: dict[str, Any]) -> None:
+        """Publish ``action.succeeded``/``action.failed`` about ``event`` (never about another
+        action's event: no feedback loops)."""
+        if not self.report or event.kind in ACTION_KINDS:
+            return
+        report = new_event(
+            kind,
+            event.service,
+            event.instance,
+            key=f"{self.group}|{event.id}|{attempt}",
+            at_ms=int(time.time() * 1000),
+            incarnation=event.incarnation,
+            data={
+                "group": self.group,
+                "action": self.action,
+                "for_id": event.id,
+                "for_kind": event.kind,
+                "attempt": attempt + 1,
+                **data,
+            },
+        )
+        await self.publish(report)
 
     async def _failed(
         self,
@@ -292,10 +434,13 @@ class FailoverConsumer:
         permanent: bool,
     ) -> str:
         retry = attempt + 1
-        if permanent or retry > self.retry.max_retries:
+        final = permanent or retry > self.retry.max_retries
+        await self._report(event, "action.failed", attempt, {"error": error, "final": final})
+        if final:
             log.error(
-                "failover %s: %s %s failed for good after %d tries: %s",
+                "failover %s (%s): %s %s failed for good after %d tries: %s",
                 self.group,
+                self.action,
                 event.kind,
                 event.instance_id,
                 attempt + 1,
@@ -305,8 +450,9 @@ class FailoverConsumer:
             return "dead-lettered"
         delay_ms = self.retry.delay_ms(retry)
         log.warning(
-            "failover %s: %s %s failed (try %d: %s); retrying in %.1fs",
+            "failover %s (%s): %s %s failed (try %d: %s); retrying in %.1fs",
             self.group,
+            self.action,
             event.kind,
             event.instance_id,
             attempt + 1,
@@ -346,6 +492,14 @@ class FailoverConsumer:
         self, message: AbstractIncomingMessage, error: str, attempt: int
     ) -> None:
         await self._republish(message, self.names.failover_dlq(self.group), attempt, error)
+
+
+def _detail_text(detail: object) -> str:
+    if detail is None:
+        return ""
+    if isinstance(detail, dict):
+        return ", ".join(f"{k}={v}" for k, v in detail.items())
+    return str(detail)[:500]
 
 
 async def dlq_messages(

@@ -161,5 +161,23 @@ class Names:
     def stats_key(self) -> str:
         return f"{self.key_prefix}stats"
 
+    # -- routing (hbbus.routing) ----------------------------------------------------------
+    @property
+    def routed_services_key(self) -> str:
+        """Set: the services that have a routing table."""
+        return f"{self.key_prefix}routes"
+
+    def routes_key(self, service: str) -> str:
+        """Hash: instance -> JSON entry (endpoint, role, weight, routable, fenced, ...)."""
+        return f"{self.key_prefix}routes:{service}"
+
+    def routes_state_key(self, service: str) -> str:
+        """Hash: the table's ``version``, fencing ``epoch`` and ``primary``."""
+        return f"{self.key_prefix}routes:{service}:state"
+
+    def promotion_key(self, service: str) -> str:
+        """Hash: the promotion in progress (epoch, old primary, candidate, owner, lease)."""
+        return f"{self.key_prefix}promotion:{service}"
+
     def failover_key(self, group: str, what: str) -> str:
         return f"{self.key_prefix}fo:{group}:{what}"

@@ -87,6 +87,23 @@ async def status(
     ]
 
 
+async def routes(settings: Settings, service: str | None = None) -> list[dict[str, Any]]:
+    """The routing tables (``hbbus routes``); NotFound when a named service has none."""
+    from hbbus.routing import read_table
+
+    names = Names(settings.namespace)
+    async with open_store(settings) as store:
+        if service is None:
+            members = await store.redis.smembers(names.routed_services_key)  # type: ignore[misc]
+            services = sorted(str(m) for m in members)
+        else:
+            services = [service]
+        tables = [(await read_table(store.redis, names, s)).to_dict() for s in services]
+    if service is not None and not tables[0]["endpoints"]:
+        raise NotFound(f"no routing table for {service!r} in namespace {settings.namespace!r}")
+    return tables
+
+
 async def observer(settings: Settings) -> dict[str, Any]:
     """The observer's own health (see Store.observer)."""
     async with open_store(settings) as store:

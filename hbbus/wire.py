@@ -12,6 +12,7 @@ Anything that is not exactly this shape is refused with an :class:`InvalidMessag
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,11 @@ STATUSES = frozenset({"ok", "degraded", "draining", "left"})
 EVENT_KINDS = frozenset(
     {"joined", "suspect", "alive", "dead", "recovered", "restarted", "left", "flapping", "stable"}
     | {"observer.degraded", "observer.recovered", "mass-expiry"}
+    | {"promoted", "routes", "action.succeeded", "action.failed"}
 )
+#: kinds that failover actions publish (about what they did), not transitions of an instance:
+#: they carry ``ord`` 0 (not ordered) and no action reports on them (no feedback loops).
+ACTION_KINDS = frozenset({"promoted", "routes", "action.succeeded", "action.failed"})
 INVALID_REASONS = ("oversized", "malformed", "version", "schema", "name", "routing-key")
 
 MAX_INT = 2**53  # exact in a double: Redis Lua compares numbers as doubles
@@ -154,6 +159,8 @@ class Event:
     resync: bool = False
     #: mass-expiry events: the tripped scope (``service:api``, ``zone:eu-1``)
     scope: str = ""
+    #: what an action reports (``promoted``, ``routes``, ``action.*`` events)
+    data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def routing_key(self) -> str:
@@ -161,7 +168,7 @@ class Event:
             return self.kind
         if self.kind == "mass-expiry":
             return "mass-expiry." + self.scope.replace(":", ".", 1)
-        return Names.event_routing_key(self.kind, self.service, self.instance)
+        return Names.event_routing_key(self.kind, self.service or "_", self.instance or "_")
 
     @property
     def instance_id(self) -> str:
@@ -187,6 +194,7 @@ def decode_event(body: bytes | str) -> Event:
         if type(doc.get(name)) is not int:
             raise InvalidMessage("schema", f"event field {name!r} must be an integer")
     meta = doc.get("meta")
+    data = doc.get("data")
     return Event(
         id=doc["id"],
         kind=doc["kind"],
@@ -203,7 +211,46 @@ def decode_event(body: bytes | str) -> Event:
         raw=raw,
         resync=doc.get("resync") is True,
         scope=str(doc.get("scope") or ""),
+        data=data if isinstance(data, dict) else {},
     )
+
+
+def new_event(
+    kind: str,
+    service: str,
+    instance: str,
+    *,
+    key: str,
+    at_ms: int,
+    data: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+    incarnation: str = "",
+) -> Event:
+    """An event published by a failover action (``promoted``, ``routes``, ``action.*``).
+
+    Its ``id`` is derived from ``key`` (what it describes), so a republished copy has the same
+    id; its ``ord`` is 0: such events are not ordered against an instance's transitions.
+    """
+    if kind not in ACTION_KINDS:
+        raise ValueError(f"{kind!r} is not an action event kind")
+    digest = hashlib.sha1(f"{kind}|{key}".encode(), usedforsecurity=False).hexdigest()[:24]
+    doc = {
+        "v": WIRE_VERSION,
+        "id": digest,
+        "kind": kind,
+        "service": service,
+        "instance": instance,
+        "incarnation": incarnation,
+        "seq": 0,
+        "ord": 0,
+        "at_ms": at_ms,
+        "last_seen_ms": 0,
+        "ttl_ms": 0,
+        "prev": "",
+        "meta": meta or {},
+        "data": data,
+    }
+    return decode_event(orjson.dumps(doc))
 
 
 def encode_probe(aggregator: str, stamp_ms: int) -> bytes:

@@ -1,4 +1,22 @@
-"""The failover runner process and its built-in actions (now: exec)."""
+"""The failover runner: builds failover actions from ``failover.toml`` (or the single-action
+flags of ``hbbus failover run``) and runs each as a consumer group in one process.
+
+A config file::
+
+    [defaults]                  # optional; every action may override these
+    max_retries = 5             # retries after the first try, then the group's DLQ
+    backoff_s = 1.0             # first retry delay, doubled per retry ...
+    max_backoff_s = 60.0        # ... up to this
+
+    [[action]]
+    name = "lb"                 # the consumer group: one durable queue per name
+    type = "haproxy"            # routes | haproxy | redis-promote | webhook | exec
+    services = ["web"]          # haproxy/routes: binds their kinds for these services
+    sockets = ["/run/haproxy/admin.sock"]
+
+Each action type takes the keys listed in :data:`ACTION_KEYS`; an unknown key, a missing one
+or a wrong type is a one-line :class:`ConfigError` naming the file and the action.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +24,29 @@ import asyncio
 import contextlib
 import os
 import signal
+import tomllib
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from hbbus.errors import ActionFailed
-from hbbus.failover import FailoverConsumer, RetryPolicy
-from hbbus.settings import Settings
+from hbbus.errors import ActionFailed, ConfigError
+from hbbus.failover import Action, FailoverConsumer, RetryPolicy
+from hbbus.settings import Settings, check_name
 from hbbus.wire import Event
+
+COMMON_KEYS = frozenset(
+    {"name", "type", "bind", "max_retries", "backoff_s", "max_backoff_s", "handler_timeout_s"}
+)
+ACTION_KEYS: dict[str, frozenset[str]] = {
+    "routes": frozenset({"services"}),
+    "haproxy": frozenset({"services", "sockets", "server", "servers", "down_state", "timeout_s"}),
+    "redis-promote": frozenset({"service", "password_env", "lease_ms", "timeout_s", "sync_wait_s"}),
+    "webhook": frozenset({"url", "secret_env", "secret_file", "timeout_s", "headers"}),
+    "exec": frozenset({"command", "timeout_s"}),
+}
+DEFAULT_KEYS = frozenset({"max_retries", "backoff_s", "max_backoff_s", "handler_timeout_s"})
+LIFECYCLE_KINDS = ("dead", "joined", "left", "recovered", "restarted")
 
 
 async def _kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -20,15 +55,23 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> None:
     await proc.wait()
 
 
-def exec_action(command: str, timeout_s: float = 60.0):
-    """A handler that runs ``command`` in ``/bin/sh`` with the event JSON on stdin.
+class ExecAction(Action):
+    """Runs ``command`` in ``/bin/sh`` with the event JSON on stdin.
 
     The environment also carries ``HBBUS_EVENT_ID``, ``HBBUS_EVENT_KIND``, ``HBBUS_SERVICE``
     and ``HBBUS_INSTANCE``. A non-zero exit (or a timeout, which kills the command's process
     group) raises :class:`ActionFailed`, so the framework retries.
     """
 
-    async def run_command(event: Event) -> None:
+    type: ClassVar[str] = "exec"
+
+    def __init__(self, command: str, timeout_s: float = 60.0) -> None:
+        if not command.strip():
+            raise ConfigError("the exec action needs a command")
+        self.command = command
+        self.timeout_s = timeout_s
+
+    async def handle(self, event: Event) -> object:
         env = {
             **os.environ,
             "HBBUS_EVENT_ID": event.id,
@@ -37,21 +80,196 @@ def exec_action(command: str, timeout_s: float = 60.0):
             "HBBUS_INSTANCE": event.instance,
         }
         proc = await asyncio.create_subprocess_shell(
-            command, stdin=asyncio.subprocess.PIPE, env=env, start_new_session=True
+            self.command, stdin=asyncio.subprocess.PIPE, env=env, start_new_session=True
         )
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(self.timeout_s):
                 await proc.communicate(event.raw)
         except TimeoutError:
             await _kill_group(proc)
-            raise ActionFailed(f"command timed out after {timeout_s:g}s") from None
+            raise ActionFailed(f"command timed out after {self.timeout_s:g}s") from None
         except asyncio.CancelledError:
             await _kill_group(proc)
             raise
         if proc.returncode != 0:
             raise ActionFailed(f"command exited with status {proc.returncode}")
+        return "command exited 0"
 
-    return run_command
+
+@dataclass
+class ActionSpec:
+    """One action of a config file, checked."""
+
+    name: str
+    type: str
+    bindings: list[str]
+    options: dict[str, Any]
+    retry: RetryPolicy
+    handler_timeout_s: float
+    source: str = field(default="")
+
+
+def _want(spec: dict[str, Any], key: str, kinds: type | tuple[type, ...], where: str) -> Any:
+    value = spec.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        names = kinds if isinstance(kinds, tuple) else (kinds,)
+        want = " or ".join(k.__name__ for k in names)
+        raise ConfigError(f"{where}: {key} must be {want}, got {value!r}")
+    return value
+
+
+def _str_list(spec: dict[str, Any], key: str, where: str) -> list[str]:
+    value = spec.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: {key} must be a string or a list of strings")
+    return list(value)
+
+
+def _default_bindings(kind: str, spec: dict[str, Any], where: str) -> list[str]:
+    if kind == "redis-promote":
+        service = check_name(str(spec.get("service") or ""), f"{where}: service")
+        return [f"{k}.{service}.*" for k in LIFECYCLE_KINDS]
+    services = [check_name(s, f"{where}: service") for s in _str_list(spec, "services", where)]
+    if kind == "routes":
+        return [f"{k}.{s}.*" for k in LIFECYCLE_KINDS for s in services or ["*"]]
+    if kind == "haproxy" and services:
+        return [f"{k}.{s}.*" for k in LIFECYCLE_KINDS for s in services]
+    raise ConfigError(f"{where}: give bind = [...] (the event patterns it acts on)")
+
+
+def check_spec(raw: dict[str, Any], defaults: dict[str, Any], source: str) -> ActionSpec:
+    """Check one ``[[action]]`` table (with the file's defaults) into an ActionSpec."""
+    name = raw.get("name")
+    where = f"{source}: action {name!r}" if name else f"{source}: an action without a name"
+    if not isinstance(name, str):
+        raise ConfigError(f'{where}: every action needs name = "..." (its consumer group)')
+    check_name(name, f"{where}: name")
+    kind = raw.get("type")
+    if kind not in ACTION_KEYS:
+        raise ConfigError(f"{where}: type must be one of {', '.join(ACTION_KEYS)}; got {kind!r}")
+    unknown = sorted(set(raw) - COMMON_KEYS - ACTION_KEYS[kind])
+    if unknown:
+        known = ", ".join(sorted(COMMON_KEYS | ACTION_KEYS[kind]))
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} for type {kind} (known: {known})")
+    merged = {**defaults, **raw}
+    bindings = _str_list(raw, "bind", where) or _default_bindings(kind, raw, where)
+    number = (int, float)
+    max_retries = _want(merged, "max_retries", int, where)
+    retry = RetryPolicy(
+        max_retries=5 if max_retries is None else max_retries,
+        base_s=float(_want(merged, "backoff_s", number, where) or 1.0),
+        max_s=float(_want(merged, "max_backoff_s", number, where) or 60.0),
+    )
+    timeout = float(_want(merged, "handler_timeout_s", number, where) or 60.0)
+    options = {k: v for k, v in raw.items() if k in ACTION_KEYS[kind]}
+    spec = ActionSpec(name, kind, bindings, options, retry, timeout, source)
+    build_action(spec)  # every option checked now, not when the first event arrives
+    return spec
+
+
+def load_config(path: str) -> list[ActionSpec]:
+    """Read and check a failover config file; ConfigError (one line) when anything is off."""
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(doc) - {"defaults", "action"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown table {unknown[0]!r} (known: defaults, action)")
+    defaults = doc.get("defaults", {})
+    if not isinstance(defaults, dict) or set(defaults) - DEFAULT_KEYS:
+        raise ConfigError(f"{path}: [defaults] takes only {', '.join(sorted(DEFAULT_KEYS))}")
+    actions = doc.get("action", [])
+    if not isinstance(actions, list) or not actions:
+        raise ConfigError(f"{path}: no [[action]] tables")
+    specs = [check_spec(raw, defaults, path) for raw in actions]
+    names = Counter(s.name for s in specs)
+    twice = [n for n, c in names.items() if c > 1]
+    if twice:
+        raise ConfigError(f"{path}: two actions are named {twice[0]!r} (names are groups)")
+    return specs
+
+
+def build_action(spec: ActionSpec) -> Action:
+    """The Action object of a checked spec."""
+    from hbbus.workers.haproxy import HAProxyAction
+    from hbbus.workers.redis_failover import RedisPromoteAction
+    from hbbus.workers.routes import RoutesAction
+    from hbbus.workers.webhook import WebhookAction, read_secret
+
+    o = spec.options
+    where = f"{spec.source}: action {spec.name!r}" if spec.source else f"action {spec.name!r}"
+    number = (int, float)
+    timeout = float(_want(o, "timeout_s", number, where) or 0) or None
+    if spec.type == "routes":
+        return RoutesAction(tuple(_str_list(o, "services", where)))
+    if spec.type == "haproxy":
+        servers = _want(o, "servers", dict, where) or {}
+        return HAProxyAction(
+            _str_list(o, "sockets", where),
+            server=_want(o, "server", str, where) or "{service}/{instance}",
+            servers={str(k): str(v) for k, v in servers.items()},
+            down_state=_want(o, "down_state", str, where) or "maint",
+            timeout_s=timeout or 5.0,
+        )
+    if spec.type == "redis-promote":
+        password_env = _want(o, "password_env", str, where)
+        return RedisPromoteAction(
+            check_name(str(o.get("service") or ""), f"{where}: service"),
+            password=os.environ.get(password_env) if password_env else None,
+            lease_ms=int(_want(o, "lease_ms", int, where) or 5000),
+            timeout_s=timeout or 2.0,
+            sync_wait_s=float(_want(o, "sync_wait_s", number, where) or 15.0),
+        )
+    if spec.type == "webhook":
+        headers = _want(o, "headers", dict, where) or {}
+        return WebhookAction(
+            str(_want(o, "url", str, where) or ""),
+            secret=read_secret(
+                _want(o, "secret_env", str, where), _want(o, "secret_file", str, where)
+            ),
+            timeout_s=timeout or 5.0,
+            headers={str(k): str(v) for k, v in headers.items()},
+        )
+    return ExecAction(str(_want(o, "command", str, where) or ""), timeout_s=timeout or 60.0)
+
+
+def build_consumer(settings: Settings, spec: ActionSpec) -> FailoverConsumer:
+    action = build_action(spec)
+    inner = float(getattr(action, "timeout_s", 0) or 0)
+    consumer = FailoverConsumer(
+        settings,
+        spec.name,
+        spec.bindings,
+        retry=spec.retry,
+        handler_timeout_s=max(spec.handler_timeout_s, inner + 5),
+    )
+    consumer.add_action(action)
+    return consumer
+
+
+async def run_consumers(consumers: Sequence[FailoverConsumer], stop: asyncio.Event) -> None:
+    """Run every consumer until ``stop``; if one fails, stop the others and raise its error."""
+    tasks = [asyncio.create_task(c.run(stop), name=f"failover-{c.group}") for c in consumers]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                stop.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def exec_consumer(
@@ -64,8 +282,7 @@ def exec_consumer(
     timeout_s: float,
 ) -> FailoverConsumer:
     """A consumer of ``group`` that runs ``command`` once per event its bindings match."""
-    consumer = FailoverConsumer(
-        settings, group, bindings, retry=retry, handler_timeout_s=timeout_s + 5
+    spec = ActionSpec(
+        group, "exec", list(bindings), {"command": command, "timeout_s": timeout_s}, retry, 60.0
     )
-    consumer.on("*")(exec_action(command, timeout_s))
-    return consumer
+    return build_consumer(settings, spec)

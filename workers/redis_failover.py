@@ -1,0 +1,321 @@
+"""Redis replica promotion: the action that replaces a dead primary, and keeps the group whole.
+
+A group of ``redis-server``s (one primary, replicas) forms one hbbus service; each server is
+watched by a sidecar (``hbbus sidecar redis``) that heartbeats for it with its role and
+replication offset in ``meta``. This action keeps that service's routing table and:
+
+- on the primary's ``dead``: takes the promotion lock (its token is the new fencing epoch),
+  picks the live replica with the highest replication offset (asked directly, not from the
+  last heartbeat), ``REPLICAOF NO ONE`` on it, points the other live replicas at it, makes it
+  the table's primary, marks the old primary fenced, and publishes ``promoted``;
+- on any member's ``joined``/``recovered``/``restarted``: if it is not the primary, makes sure
+  it replicates from the primary (``REPLICAOF``) and waits for its link before it is routable
+  again — so an old primary that returns comes back as a replica, never as a second primary.
+
+Two workers in one group never promote twice: the lock is taken in one Lua call, every step
+names the epoch, and the commit only succeeds for the lock's holder. A worker that dies half
+way stops renewing the lock; the event returns to the queue, and the other worker resumes the
+same promotion (same epoch, same candidate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, ClassVar
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from hbbus import failpoints
+from hbbus.errors import ActionFailed, ConfigError
+from hbbus.failover import Action, FailoverConsumer
+from hbbus.routing import Change, Endpoint, RoutingTable, Table, normalise_role
+from hbbus.wire import Event, new_event
+
+log = logging.getLogger("hbbus.redis_failover")
+
+UP_KINDS = frozenset({"joined", "recovered", "restarted"})
+DOWN_KINDS = frozenset({"dead", "left"})
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"expected HOST:PORT, got {addr!r}")
+    return host.strip("[]"), int(port)
+
+
+class RedisNode:
+    """One managed ``redis-server``, spoken to directly (short timeouts, one connection)."""
+
+    def __init__(self, addr: str, password: str | None, timeout_s: float) -> None:
+        self.addr = addr
+        host, port = parse_addr(addr)
+        self.client = Redis(
+            host=host,
+            port=port,
+            password=password,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            decode_responses=True,
+        )
+
+    async def __aenter__(self) -> RedisNode:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()
+
+    async def replication(self) -> dict[str, Any]:
+        try:
+            return dict(await self.client.info("replication"))
+        except (RedisError, OSError) as exc:
+            raise ActionFailed(f"redis {self.addr}: {exc or type(exc).__name__}") from None
+
+    async def replicaof(self, primary: str | None) -> None:
+        args = ("NO", "ONE") if primary is None else parse_addr(primary)
+        try:
+            await self.client.execute_command("REPLICAOF", *args)
+        except (RedisError, OSError) as exc:
+            raise ActionFailed(f"redis {self.addr}: REPLICAOF failed: {exc}") from None
+
+
+def offset_of(info: dict[str, Any]) -> int:
+    """How much of the stream a server has: a replica's applied offset, a primary's own."""
+    if info.get("role") == "slave":
+        return int(info.get("slave_repl_offset") or 0)
+    return int(info.get("master_repl_offset") or 0)
+
+
+def follows(info: dict[str, Any], primary: str) -> bool:
+    """Whether a server is a replica of ``primary`` (HOST:PORT)."""
+    if info.get("role") != "slave":
+        return False
+    host, port = parse_addr(primary)
+    return str(info.get("master_host")) == host and int(info.get("master_port") or 0) == port
+
+
+class RedisPromoteAction(Action):
+    type: ClassVar[str] = "redis-promote"
+    kinds: ClassVar[frozenset[str]] = UP_KINDS | DOWN_KINDS
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        password: str | None = None,
+        lease_ms: int = 5000,
+        timeout_s: float = 2.0,
+        sync_wait_s: float = 15.0,
+    ) -> None:
+        self.service = service
+        self.password = password
+        self.lease_ms = lease_ms
+        self.timeout_s = timeout_s
+        self.sync_wait_s = sync_wait_s
+        self._consumer: FailoverConsumer | None = None
+        self._table: RoutingTable | None = None
+
+    async def start(self, consumer: FailoverConsumer) -> None:
+        self._consumer = consumer
+        self._table = RoutingTable(consumer.redis, consumer.names)
+
+    @property
+    def table(self) -> RoutingTable:
+        assert self._table is not None, "the action has not started"
+        return self._table
+
+    @property
+    def consumer(self) -> FailoverConsumer:
+        assert self._consumer is not None, "the action has not started"
+        return self._consumer
+
+    def node(self, addr: str) -> RedisNode:
+        return RedisNode(addr, self.password, self.timeout_s)
+
+    async def handle(self, event: Event) -> object:
+        if event.service != self.service:
+            return f"not {self.service}"
+        if event.kind in DOWN_KINDS:
+            change = await self.table.remove(event.service, event.instance, event.kind)
+            await self._announce(event.instance, change, f"{event.instance} {event.kind}")
+            if event.kind == "left":  # a sidecar stopped on purpose: no promotion
+                return f"{event.instance} out of routing (left)"
+            return await self.promote(event.instance)
+        return await self.rejoin(event)
+
+    async def _announce(self, instance: str, change: Change | None, what: str) -> None:
+        if change is not None and change.changed:
+            routes = self.table.change_event(self.service, instance, change, what)
+            await self.consumer.publish(routes)
+
+    # -- promotion ----------------------------------------------------------------------------
+    async def promote(self, dead: str) -> str:
+        owner = self.consumer.token
+        verdict, epoch, old, candidate = await self.table.begin_promotion(
+            self.service, dead, owner, self.lease_ms
+        )
+        if verdict == "busy":
+            raise ActionFailed(f"another worker is promoting {self.service} (epoch {epoch})")
+        if verdict == "alive":
+            return f"{dead} is alive again: no promotion"
+        if verdict == "not-primary":
+            if candidate == dead:  # promoted already (by us or another worker): say it again
+                await self._publish_promoted(await self.table.read(self.service), dead, {})
+                return f"{dead} was already replaced by {old} (epoch {epoch})"
+            return f"{dead} is not the primary (the primary is {old or 'unknown'})"
+        log.warning(
+            "redis %s: primary %s dead; %s promotion, epoch %d",
+            self.service,
+            dead,
+            "resuming the" if verdict == "resume" else "starting a",
+            epoch,
+        )
+        return await self._promote(epoch, old, candidate)
+
+    async def _promote(self, epoch: int, old: str, candidate: str) -> str:
+        table = await self.table.read(self.service)
+        chosen = table.entries.get(candidate) if candidate else None
+        info = await self._usable(chosen)
+        if chosen is None or info is None:
+            chosen, info = await self._choose(table, old, epoch)
+            await self._step(epoch, "candidate", chosen.instance)
+        offset = offset_of(info)
+        async with self.node(chosen.endpoint) as node:
+            await node.replicaof(None)
+        await self._step(epoch, "state", "replicaof-done")
+        failpoints.hit("promote:after-replicaof")
+        followers = await self._repoint(table, old, chosen)
+        change = await self.table.commit_promotion(
+            self.service, epoch, self.consumer.token, chosen.instance, old
+        )
+        if change is None:
+            raise ActionFailed(f"lost the promotion lock of {self.service} (epoch {epoch})")
+        await self._announce(chosen.instance, change, f"{chosen.instance} promoted")
+        table = await self.table.read(self.service)
+        await self._publish_promoted(table, old, {"offset": offset, "followers": followers})
+        text = (
+            f"promoted {chosen.instance} ({chosen.endpoint}, offset {offset}) at epoch {epoch}; "
+            f"{len(followers)} replica(s) follow it"
+        )
+        log.warning("redis %s: %s", self.service, text)
+        return text
+
+    async def _step(self, epoch: int, name: str, value: str) -> None:
+        held = await self.table.promotion_step(
+            self.service, epoch, self.consumer.token, self.lease_ms, name, value
+        )
+        if not held:
+            raise ActionFailed(f"lost the promotion lock of {self.service} (epoch {epoch})")
+
+    async def _usable(self, entry: Endpoint | None) -> dict[str, Any] | None:
+        if entry is None or not entry.endpoint:
+            return None
+        try:
+            async with self.node(entry.endpoint) as node:
+                return await node.replication()
+        except ActionFailed:
+            return None
+
+    async def _choose(self, table: Table, old: str, epoch: int) -> tuple[Endpoint, dict[str, Any]]:
+        """The live replica with the highest offset (ties: the lowest name)."""
+        replicas = [
+            e
+            for name, e in sorted(table.entries.items())
+            if name != old and e.routable and e.role == "replica" and e.endpoint
+        ]
+        infos = await asyncio.gather(*(self._usable(e) for e in replicas))
+        live = [(e, i) for e, i in zip(replicas, infos, strict=True) if i is not None]
+        if not live:
+            await self.table.abort_promotion(self.service, epoch, self.consumer.token)
+            raise ActionFailed(f"{self.service}: no live replica to promote")
+        return max(live, key=lambda pair: (offset_of(pair[1]), _neg(pair[0].instance)))
+
+    async def _repoint(self, table: Table, old: str, primary: Endpoint) -> list[str]:
+        """Point every other live replica at the new primary; one that is down now is pointed
+        when it comes back (its ``recovered``)."""
+        followers = []
+        for name, entry in sorted(table.entries.items()):
+            if name in (old, primary.instance) or not entry.routable or not entry.endpoint:
+                continue
+            try:
+                async with self.node(entry.endpoint) as node:
+                    if not follows(await node.replication(), primary.endpoint):
+                        await node.replicaof(primary.endpoint)
+                followers.append(name)
+            except ActionFailed as exc:
+                log.warning("redis %s: %s not repointed now (%s)", self.service, name, exc)
+        return followers
+
+    async def _publish_promoted(self, table: Table, old: str, data: dict[str, Any]) -> None:
+        primary = table.entries.get(table.primary)
+        event = new_event(
+            "promoted",
+            self.service,
+            table.primary,
+            key=f"{self.service}|{table.epoch}",
+            at_ms=int(time.time() * 1000),
+            data={
+                "epoch": table.epoch,
+                "old_primary": old,
+                "endpoint": primary.endpoint if primary else "",
+                **data,
+            },
+        )
+        await self.consumer.publish(event)
+
+    # -- members coming back -------------------------------------------------------------------
+    async def rejoin(self, event: Event) -> str:
+        change = await self.table.upsert(event)
+        if change is None:
+            return f"{event.instance} has no meta.endpoint"
+        await self._announce(event.instance, change, f"{event.instance} {event.kind}")
+        table = await self.table.read(self.service)
+        me = table.entries[event.instance]
+        primary = table.entries.get(table.primary)
+        if table.primary == event.instance or primary is None:
+            return f"{event.instance} routable ({me.role or 'no role'})"
+        if not primary.routable:
+            if me.fenced:
+                raise ActionFailed(f"{event.instance} is fenced and there is no primary to follow")
+            return f"{event.instance} routable as {me.role or 'no role'} (primary down)"
+        did = await self._follow(event.instance, me, primary)
+        if me.fenced or normalise_role(event.meta.get("role")) == "primary":
+            change = await self.table.unfence(self.service, event.instance, event.ord)
+            await self._announce(event.instance, change, f"{event.instance} is a replica again")
+        return f"{event.instance} {did}; routable as a replica of {primary.instance}"
+
+    async def _follow(self, name: str, me: Endpoint, primary: Endpoint) -> str:
+        """Make ``me`` a replica of ``primary`` and wait until its link is up and synced."""
+        async with self.node(me.endpoint) as node:
+            info = await node.replication()
+            did = "already follows the primary"
+            if not follows(info, primary.endpoint):
+                await node.replicaof(primary.endpoint)
+                did = f"made a replica of {primary.instance}"
+                log.warning("redis %s: %s %s", self.service, name, did)
+            deadline = time.monotonic() + self.sync_wait_s
+            while not _synced(info):
+                if time.monotonic() > deadline:
+                    raise ActionFailed(
+                        f"{name} has not synced with {primary.instance} "
+                        f"within {self.sync_wait_s:g}s"
+                    )
+                await asyncio.sleep(0.1)
+                info = await node.replication()
+        return did
+
+
+def _synced(info: dict[str, Any]) -> bool:
+    return (
+        info.get("role") == "slave"
+        and info.get("master_link_status") == "up"
+        and str(info.get("master_sync_in_progress", "0")) == "0"
+    )
+
+
+def _neg(name: str) -> tuple[int, ...]:
+    """Sort key that prefers the lowest name under max()."""
+    return tuple(-ord(c) for c in name)
