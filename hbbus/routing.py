@@ -374,7 +374,7 @@ class Router:
                 entries[instance] = Endpoint(**{**entry.to_dict(), "load": load})
         return Table(table.service, table.version, table.epoch, table.primary, entries)
 
-    def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._dirty.set()
 
     def _on_reconnect(self, *args: object) -> None:

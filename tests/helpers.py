@@ -164,3 +164,26 @@ async def start_fleet(
     ]
     await asyncio.gather(*(b.start() for b in beaters))
     return beaters
+
+
+async def run_cli(settings: Settings, *args: str) -> Any:
+    """``hbbus --namespace NS ARGS`` through click's runner, in a thread (the command runs
+    its own event loop); returns click's Result."""
+    from click.testing import CliRunner
+
+    from hbbus.cli.main import cli
+
+    runner = CliRunner()
+    return await asyncio.to_thread(
+        runner.invoke,
+        cli,
+        [
+            "--amqp-url",
+            settings.amqp_url,
+            "--redis-url",
+            settings.redis_url,
+            "--namespace",
+            settings.namespace,
+            *args,
+        ],
+    )

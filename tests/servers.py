@@ -163,3 +163,54 @@ class PrivateRabbit:
         except (subprocess.SubprocessError, OSError):
             subprocess.run(["pkill", "-9", "-f", self.node], check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateHAProxy:
+    """``haproxy -db`` in front of ``servers`` (name -> port) of one backend ``web``, with a
+    runtime API on a unix socket and on a TCP port of its own. No health checks: what takes
+    a server out of rotation is hbbus."""
+
+    def __init__(self, servers: dict[str, int], workdir: Path) -> None:
+        self.port = free_port()
+        self.api_port = free_port()
+        self.socket = str(workdir / "haproxy.sock")
+        self.config = workdir / "haproxy.cfg"
+        self.servers = servers
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PrivateHAProxy:
+        lines = [
+            "global",
+            f"  stats socket {self.socket} mode 600 level admin",
+            f"  stats socket ipv4@127.0.0.1:{self.api_port} level admin",
+            "defaults",
+            "  mode http",
+            "  timeout connect 1s",
+            "  timeout client 5s",
+            "  timeout server 5s",
+            "frontend fe",
+            f"  bind 127.0.0.1:{self.port}",
+            "  default_backend web",
+            "backend web",
+            "  balance roundrobin",
+            *(f"  server {name} 127.0.0.1:{port}" for name, port in self.servers.items()),
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen(
+            ["haproxy", "-f", str(self.config), "-db"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port, 10)
+        wait_port(self.api_port, 10)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None

@@ -1,0 +1,236 @@
+"""Routing tables (Lua, real Redis), the Router's strategies, and the routes action end to end:
+heartbeaters -> aggregator -> events -> routes action -> table -> `routes` event -> Router."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from hbbus.client import Heartbeater
+from hbbus.failover import FailoverConsumer, RetryPolicy
+from hbbus.names import Names
+from hbbus.routing import Endpoint, NoRoute, Router, RoutingTable, Table
+from hbbus.settings import Settings
+from hbbus.store import connect_redis
+from hbbus.wire import Event
+from hbbus.workers.routes import DEFAULT_BINDINGS, RoutesAction
+from tests.helpers import run_cli, wait_until
+
+
+def event(kind: str, instance: str, ord_: int, **meta: Any) -> Event:
+    return Event(
+        id=f"{kind}-{instance}-{ord_}",
+        kind=kind,
+        service="db",
+        instance=instance,
+        incarnation="i1",
+        seq=ord_,
+        ord=ord_,
+        at_ms=0,
+        last_seen_ms=0,
+        ttl_ms=0,
+        prev="",
+        meta=meta,
+    )
+
+
+@pytest.fixture
+async def table(settings: Settings) -> AsyncIterator[RoutingTable]:
+    redis = connect_redis(settings, "test-routing")
+    yield RoutingTable(redis, Names(settings.namespace))
+    await redis.aclose()
+
+
+# -- the table's rules ----------------------------------------------------------------------
+async def test_first_primary_is_the_primary_and_a_second_one_is_fenced(table):
+    await table.upsert(event("joined", "a", 1, endpoint="h:1", role="master"))
+    await table.upsert(event("joined", "b", 1, endpoint="h:2", role="replica", weight=3))
+    change = await table.upsert(event("joined", "c", 1, endpoint="h:3", role="primary"))
+    assert change is not None and change.changed and change.primary == "a"
+    snap = await table.read("db")
+    assert snap.primary == "a" and snap.epoch == 0
+    assert [e.instance for e in snap.routable()] == ["a", "b"]
+    assert snap.entries["b"].weight == 3 and snap.entries["b"].role == "replica"
+    assert snap.entries["c"].fenced and "claims primary while a is" in snap.entries["c"].reason
+
+
+async def test_upsert_without_endpoint_is_not_routed_and_repeats_do_not_bump(table):
+    assert await table.upsert(event("joined", "x", 1, role="replica")) is None
+    first = await table.upsert(event("joined", "a", 1, endpoint="h:1"))
+    again = await table.upsert(event("recovered", "a", 2, endpoint="h:1"))
+    assert first is not None and again is not None
+    assert first.changed and not again.changed and again.version == first.version
+
+
+async def test_remove_keeps_the_entry_with_the_reason(table):
+    await table.upsert(event("joined", "a", 1, endpoint="h:1"))
+    change = await table.remove("db", "a", "dead")
+    assert change.changed
+    entry = (await table.read("db")).entries["a"]
+    assert not entry.routable and entry.reason == "dead"
+    assert not (await table.remove("db", "a", "dead")).changed
+
+
+async def test_promotion_lock_one_holder_commit_fences_the_old_primary(table, settings):
+    await table.upsert(event("joined", "a", 1, endpoint="h:1", role="primary"))
+    await table.upsert(event("joined", "b", 1, endpoint="h:2", role="replica"))
+    await table.remove("db", "a", "dead")
+    verdict, epoch, old, _ = await table.begin_promotion("db", "a", "w1", 5000)
+    assert (verdict, epoch, old) == ("begin", 1, "a")
+    assert (await table.begin_promotion("db", "a", "w2", 5000))[0] == "busy"
+    assert await table.promotion_step("db", 1, "w1", 5000, "candidate", "b")
+    assert not await table.promotion_step("db", 1, "w2", 5000, "candidate", "x")
+    assert await table.commit_promotion("db", 1, "w2", "b", "a") is None  # not the holder
+    change = await table.commit_promotion("db", 1, "w1", "b", "a")
+    assert change is not None and change.primary == "b" and change.epoch == 1
+    snap = await table.read("db")
+    assert snap.entries["b"].role == "primary" and snap.entries["b"].routable
+    assert snap.entries["a"].fenced and "demoted at epoch 1" in snap.entries["a"].reason
+    assert (await table.begin_promotion("db", "a", "w2", 5000))[:3] == ("not-primary", 1, "b")
+
+
+async def test_an_expired_lock_is_resumed_with_its_candidate(table):
+    await table.upsert(event("joined", "a", 1, endpoint="h:1", role="primary"))
+    assert (await table.begin_promotion("db", "a", "w1", 300))[0] == "begin"
+    await table.promotion_step("db", 1, "w1", 300, "candidate", "b")
+    await asyncio.sleep(0.4)  # the holder "died": its lease runs out
+    assert await table.begin_promotion("db", "a", "w2", 5000) == ("resume", 1, "a", "b")
+    assert not await table.promotion_step("db", 1, "w1", 5000)  # the old holder lost it
+
+
+async def test_a_returning_old_primary_stays_fenced_until_unfenced(table):
+    await table.upsert(event("joined", "a", 1, endpoint="h:1", role="primary"))
+    await table.upsert(event("joined", "b", 1, endpoint="h:2", role="replica"))
+    await table.begin_promotion("db", "a", "w1", 5000)
+    await table.commit_promotion("db", 1, "w1", "b", "a")
+    await table.upsert(event("recovered", "a", 3, endpoint="h:1", role="primary"))
+    assert not (await table.read("db")).entries["a"].routable
+    await table.unfence("db", "a", 3)
+    # the same event applied again by another action: its primary claim predates the fix
+    await table.upsert(event("recovered", "a", 3, endpoint="h:1", role="primary"))
+    entry = (await table.read("db")).entries["a"]
+    assert entry.routable and entry.role == "replica" and not entry.fenced
+    # a later claim (it restarted as a primary again) is fenced again
+    await table.upsert(event("restarted", "a", 5, endpoint="h:1", role="primary"))
+    assert (await table.read("db")).entries["a"].fenced
+
+
+# -- strategies (no I/O) ----------------------------------------------------------------------
+def router_with(entries: list[Endpoint], strategy: str = "round_robin") -> Router:
+    router = Router("db", settings=Settings(), strategy=strategy)
+    router.table = Table("db", 1, 0, "", {e.instance: e for e in entries})
+    return router
+
+
+def test_weighted_round_robin_is_proportional_and_smooth():
+    router = router_with([Endpoint("a", "h:1", weight=3), Endpoint("b", "h:2", weight=1)])
+    picks = [router.pick().instance for _ in range(8)]
+    assert Counter(picks) == {"a": 6, "b": 2}
+    assert "b" in picks[:4] and "b" in picks[4:]  # spread, not a burst of a's
+
+
+def test_least_load_prefers_the_lowest_load_per_weight():
+    router = router_with(
+        [Endpoint("a", "h:1", load=5), Endpoint("b", "h:2", load=1), Endpoint("c", "h:3", load=1)],
+        strategy="least_load",
+    )
+    assert {router.pick().instance for _ in range(4)} == {"b", "c"}
+
+
+def test_no_route_and_primary_rules():
+    router = router_with(
+        [Endpoint("a", "h:1", role="replica"), Endpoint("b", "h:2", routable=False)]
+    )
+    with pytest.raises(NoRoute):
+        router.primary()
+    with pytest.raises(NoRoute):
+        router.pick(role="primary")
+    assert router.pick(role="replica").instance == "a"
+
+
+# -- end to end ---------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def running(consumer: FailoverConsumer) -> AsyncIterator[FailoverConsumer]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    ready = asyncio.ensure_future(consumer.ready.wait())
+    await asyncio.wait({task, ready}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if task.done():
+        task.result()
+    try:
+        yield consumer
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+def routes_consumer(settings: Settings, group: str = "routes") -> FailoverConsumer:
+    consumer = FailoverConsumer(
+        settings, group, DEFAULT_BINDINGS, retry=RetryPolicy(max_retries=3, base_s=0.2)
+    )
+    consumer.add_action(RoutesAction())
+    return consumer
+
+
+async def test_router_follows_joins_and_deaths_without_polling(settings, aggregators):
+    await aggregators(1)
+    beats = [
+        Heartbeater(
+            "web",
+            f"web-{i}",
+            interval_s=0.2,
+            misses=3,
+            meta={"endpoint": f"127.0.0.1:{9000 + i}", "weight": i},
+            settings=settings,
+        )
+        for i in (1, 2)
+    ]
+    async with running(routes_consumer(settings)):
+        for hb in beats:
+            await hb.start()
+        async with Router("web", settings=settings, refresh_s=3600) as router:
+            assert await router.wait_for(lambda t: len(t.routable()) == 2, 10)
+            picks = Counter(router.pick().endpoint for _ in range(30))
+            assert picks == {"127.0.0.1:9001": 10, "127.0.0.1:9002": 20}
+            refreshes = router.refreshes
+            await beats[1].abort()  # dies without `left`
+            assert await router.wait_for(lambda t: len(t.routable()) == 1, 10)
+            assert {router.pick().instance for _ in range(5)} == {"web-1"}
+            assert router.refreshes - refreshes <= 3  # once per change, not per request
+            await beats[0].stop()  # `left`
+            assert await router.wait_for(lambda t: not t.routable(), 10)
+            with pytest.raises(NoRoute):
+                router.pick()
+    result = await run_cli(settings, "routes", "web")
+    assert result.exit_code == 0, result.output
+    assert "web-1" in result.output and "127.0.0.1:9002" in result.output
+    doc = orjson.loads((await run_cli(settings, "routes", "--json")).output)
+    reasons = {e["instance"]: e["reason"] for e in doc[0]["endpoints"]}
+    assert reasons == {"web-1": "left", "web-2": "dead"}
+
+
+async def test_routes_action_reconciles_instances_that_joined_before_it(settings, aggregators):
+    await aggregators(1)
+    async with Heartbeater(
+        "api", "api-1", interval_s=0.2, misses=3, meta={"endpoint": "h:1"}, settings=settings
+    ) as hb:
+        await wait_until(lambda: hb.sent >= 3, 5, "heartbeats")
+        await asyncio.sleep(0.3)  # the join is in Redis; no routes consumer exists yet
+        async with (
+            running(routes_consumer(settings, "late")),
+            Router("api", settings=settings) as router,
+        ):
+            assert await router.wait_for(lambda t: len(t.routable()) == 1, 10)
+
+
+async def test_routes_of_an_unknown_service_is_not_found(settings):
+    result = await run_cli(settings, "routes", "nope")
+    assert result.exit_code == 3
+    assert "no routing table for 'nope'" in result.output
