@@ -184,6 +184,10 @@ class RoutingTable:
         """Take an instance out of routing (its entry stays, with the reason)."""
         return self._change(await self._run("remove", service, instance, why))
 
+    async def fence(self, service: str, instance: str, why: str) -> Change:
+        """Keep an instance out of routing, whatever it announces, until :meth:`unfence`."""
+        return self._change(await self._run("fence", service, instance, why))
+
     async def unfence(self, service: str, instance: str, ord_: int) -> Change:
         """An instance has been made a replica of the primary: routable again, as a replica."""
         return self._change(await self._run("unfence", service, instance, ord_))

@@ -39,13 +39,18 @@ def wait_port(port: int, timeout_s: float, up: bool = True) -> None:
 class PrivateRedis:
     """``redis-server`` on a free port, without persistence, as a child process."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, port: int | None = None, args: tuple[str, ...] = ()) -> None:
+        self.port = port or free_port()
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def start(self) -> PrivateRedis:
         self.proc = subprocess.Popen(
@@ -63,6 +68,7 @@ class PrivateRedis:
                 "no",
                 "--loglevel",
                 "warning",
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

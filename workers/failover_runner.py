@@ -228,7 +228,6 @@ def build_action(spec: ActionSpec) -> Action:
             password=os.environ.get(password_env) if password_env else None,
             lease_ms=int(_want(o, "lease_ms", int, where) or 5000),
             timeout_s=timeout or 2.0,
-            sync_wait_s=float(_want(o, "sync_wait_s", number, where) or 15.0),
         )
     if spec.type == "webhook":
         headers = _want(o, "headers", dict, where) or {}

@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 from hbbus import failpoints
 from hbbus.errors import ActionFailed, ConfigError
 from hbbus.failover import Action, FailoverConsumer
-from hbbus.routing import Change, Endpoint, RoutingTable, Table, normalise_role
+from hbbus.routing import Change, Endpoint, RoutingTable, Table
 from hbbus.wire import Event, new_event
 
 log = logging.getLogger("hbbus.redis_failover")
@@ -108,19 +108,33 @@ class RedisPromoteAction(Action):
         password: str | None = None,
         lease_ms: int = 5000,
         timeout_s: float = 2.0,
-        sync_wait_s: float = 15.0,
     ) -> None:
         self.service = service
         self.password = password
         self.lease_ms = lease_ms
         self.timeout_s = timeout_s
-        self.sync_wait_s = sync_wait_s
         self._consumer: FailoverConsumer | None = None
         self._table: RoutingTable | None = None
 
     async def start(self, consumer: FailoverConsumer) -> None:
+        """Catch up with what happened while no worker ran: the table from the store, and a
+        promotion if the primary of record is dead (its `dead` event may have gone by)."""
+        from hbbus.workers.routes import reconcile
+
         self._consumer = consumer
         self._table = RoutingTable(consumer.redis, consumer.names)
+
+        async def announce(event: Event, change: Change | None, what: str) -> None:
+            await self._announce(event.instance, change, what)
+
+        await reconcile(consumer, self.table, (self.service,), announce)
+        table = await self.table.read(self.service)
+        primary = table.entries.get(table.primary)
+        if primary is not None and primary.reason == "dead":
+            try:
+                log.warning("redis %s: %s", self.service, await self.promote(table.primary))
+            except ActionFailed as exc:  # the next event, or the next start, tries again
+                log.error("redis %s: catch-up promotion failed: %s", self.service, exc)
 
     @property
     def table(self) -> RoutingTable:
@@ -281,31 +295,42 @@ class RedisPromoteAction(Action):
             if me.fenced:
                 raise ActionFailed(f"{event.instance} is fenced and there is no primary to follow")
             return f"{event.instance} routable as {me.role or 'no role'} (primary down)"
-        did = await self._follow(event.instance, me, primary)
-        if me.fenced or normalise_role(event.meta.get("role")) == "primary":
-            change = await self.table.unfence(self.service, event.instance, event.ord)
-            await self._announce(event.instance, change, f"{event.instance} is a replica again")
-        return f"{event.instance} {did}; routable as a replica of {primary.instance}"
+        return await self._follow(event, me, primary)
 
-    async def _follow(self, name: str, me: Endpoint, primary: Endpoint) -> str:
-        """Make ``me`` a replica of ``primary`` and wait until its link is up and synced."""
+    async def _follow(self, event: Event, me: Endpoint, primary: Endpoint) -> str:
+        """Make ``me`` a replica of ``primary``. One that must be repointed (or was fenced)
+        stays out of routing until its link is up and its sync done; that is looked at again
+        by a retry, so a slow sync never holds up the group's other events."""
+        name = event.instance
         async with self.node(me.endpoint) as node:
             info = await node.replication()
-            did = "already follows the primary"
-            if not follows(info, primary.endpoint):
+            if follows(info, primary.endpoint):
+                did = "already follows the primary"
+            else:
+                if not me.fenced:
+                    change = await self.table.fence(self.service, name, "resyncing")
+                    await self._announce(name, change, f"{name} resyncing")
                 await node.replicaof(primary.endpoint)
                 did = f"made a replica of {primary.instance}"
                 log.warning("redis %s: %s %s", self.service, name, did)
-            deadline = time.monotonic() + self.sync_wait_s
-            while not _synced(info):
-                if time.monotonic() > deadline:
-                    raise ActionFailed(
-                        f"{name} has not synced with {primary.instance} "
-                        f"within {self.sync_wait_s:g}s"
-                    )
-                await asyncio.sleep(0.1)
-                info = await node.replication()
-        return did
+                me = Endpoint(**{**me.to_dict(), "fenced": True})
+                info = await self._wait_synced(node, 1.0)
+            if not me.fenced:
+                return f"{name} {did}; routable as a replica of {primary.instance}"
+            if not _synced(info):
+                raise ActionFailed(f"{name} is syncing from {primary.instance}; looking again")
+        change = await self.table.unfence(self.service, name, event.ord)
+        await self._announce(name, change, f"{name} is a replica again")
+        return f"{name} {did}; routable again as a replica of {primary.instance}"
+
+    @staticmethod
+    async def _wait_synced(node: RedisNode, wait_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + wait_s
+        info = await node.replication()
+        while not _synced(info) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            info = await node.replication()
+        return info
 
 
 def _synced(info: dict[str, Any]) -> bool:

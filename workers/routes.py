@@ -10,6 +10,7 @@ started after its services is right from its first second.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 import orjson
@@ -76,21 +77,35 @@ class RoutesAction(Action):
     async def reconcile(self) -> None:
         """Bring the tables in line with the store: alive instances routable, others not."""
         assert self._consumer is not None
-        store = Store(self._consumer.redis, self._consumer.names)
-        changed = 0
-        for record in await store.records():
-            event = _event_of(record)
-            if event is None or (self.services and event.service not in self.services):
-                continue
-            alive = record.get("state") in ("alive", "suspect")
-            if alive:
-                change = await self.table.upsert(event)
-            else:
-                change = await self.table.remove(event.service, event.instance, "dead")
-            if change is not None and change.changed:
-                changed += 1
-                await self.announce(event, change, "reconciled with the store")
+        changed = await reconcile(self._consumer, self.table, self.services, self.announce)
         log.info("routes: reconciled with the store ◆ %d entries changed", changed)
+
+
+Announce = Callable[[Event, Change | None, str], Awaitable[None]]
+
+
+async def reconcile(
+    consumer: FailoverConsumer,
+    table: RoutingTable,
+    services: tuple[str, ...],
+    announce: Announce,
+) -> int:
+    """Apply every known instance's current state of ``services`` (all when empty) to the
+    routing tables, as if its last transition were handled now; returns how many changed."""
+    store = Store(consumer.redis, consumer.names)
+    changed = 0
+    for record in await store.records():
+        event = _event_of(record)
+        if event is None or (services and event.service not in services):
+            continue
+        if record.get("state") in ("alive", "suspect"):
+            change = await table.upsert(event)
+        else:
+            change = await table.remove(event.service, event.instance, str(record.get("state")))
+        if change is not None and change.changed:
+            changed += 1
+            await announce(event, change, "reconciled with the store")
+    return changed
 
 
 def _event_of(record: dict[str, Any]) -> Event | None:

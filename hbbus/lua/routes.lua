@@ -88,6 +88,15 @@ local function remove()
   return result(save(INST, old, e))
 end
 
+-- Keep an instance out of routing until `unfence` (a replica resyncing). ARGV[5] why
+local function fence()
+  local old = load_entry(INST)
+  if not old then return result(0, select(3, state())) end
+  local e = cjson.decode(cjson.encode(old))
+  e.fenced, e.routable, e.reason = true, false, ARGV[5]
+  return result(save(INST, old, e))
+end
+
 -- ARGV[5] ord of the event after whose state the instance was made a replica
 local function unfence()
   local old = load_entry(INST)
@@ -169,6 +178,6 @@ local function abort()
   return 1
 end
 
-local ops = {upsert = upsert, remove = remove, unfence = unfence, begin = begin, step = step,
+local ops = {upsert = upsert, remove = remove, fence = fence, unfence = unfence, begin = begin, step = step,
   commit = commit, abort = abort}
 return ops[OP]()

@@ -1,0 +1,316 @@
+"""Redis replica promotion end to end, with real processes on free ports and no fakes:
+three redis-servers (a primary and two replicas), a sidecar process for each, an aggregator,
+two failover worker processes in one group, and a writer that writes through a Router.
+
+`kill -9` of the primary: one promotion (the live replica with the highest offset), the other
+replica follows it, the writer resumes, every write the new primary acknowledged survives, and
+the old primary, restarted empty, comes back as a replica — never as a second primary."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from hbbus.routing import NoRoute, Router
+from hbbus.settings import Settings
+from tests.helpers import EventSink, run_cli, wait_until
+from tests.servers import PrivateRedis
+
+INTERVAL_S = 0.2
+TTL_S = INTERVAL_S * 3
+HBBUS = [sys.executable, "-m", "hbbus.cli"]
+FAST_SYNC = ("--repl-diskless-sync-delay", "0")  # Redis waits 5 s for more replicas by default
+
+
+def env_for(settings: Settings, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HBBUS_AMQP_URL": settings.amqp_url,
+        "HBBUS_REDIS_URL": settings.redis_url,
+        "HBBUS_NAMESPACE": settings.namespace,
+        "PYTHONPATH": str(Path(__file__).parent.parent),
+        **extra,
+    }
+
+
+@dataclass
+class Group:
+    """The redis-servers (r1 primary, r2 and r3 replicas), their sidecars, the workers."""
+
+    settings: Settings
+    logs: Path
+    servers: dict[str, PrivateRedis] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start_servers(self) -> None:
+        primary = PrivateRedis(args=FAST_SYNC).start()
+        self.servers["r1"] = primary
+        for name in ("r2", "r3"):
+            args = (*FAST_SYNC, "--replicaof", "127.0.0.1", str(primary.port))
+            self.servers[name] = PrivateRedis(args=args).start()
+
+    def spawn(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(
+            [*HBBUS, *args], env=env_for(self.settings, **env), stdout=log, stderr=log
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_sidecar(self, name: str) -> None:
+        addr = self.servers[name].addr
+        self.spawn(
+            f"sidecar-{name}",
+            "sidecar",
+            "redis",
+            "--addr",
+            addr,
+            "--service",
+            "db",
+            "--instance",
+            name,
+            "--interval",
+            str(INTERVAL_S),
+        )
+
+    def start_worker(self, name: str, **env: str) -> subprocess.Popen[bytes]:
+        return self.spawn(name, "failover", "run", "--group", "db", "--redis-promote", "db", **env)
+
+    async def workers_consuming(self, *names: str) -> None:
+        for name in names:
+            await wait_until(lambda n=name: "consuming" in self.log_of(n), 15, f"{name} up")
+
+    def log_of(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        for server in self.servers.values():
+            server.stop()
+
+
+@pytest.fixture
+def group(settings: Settings, need_tool, tmp_path: Path) -> Iterator[Group]:
+    need_tool("redis-server")
+    g = Group(settings, tmp_path)
+    try:
+        g.start_servers()
+        yield g
+    finally:
+        g.stop()
+
+
+async def replication(addr: str) -> dict[str, object]:
+    host, port = addr.rsplit(":", 1)
+    client = Redis(host=host, port=int(port), decode_responses=True, socket_timeout=2)
+    try:
+        return dict(await client.info("replication"))
+    finally:
+        await client.aclose()
+
+
+async def follows(addr: str, primary_port: int) -> bool:
+    with contextlib.suppress(RedisError, OSError):
+        info = await replication(addr)
+        return (
+            info.get("role") == "slave"
+            and int(str(info.get("master_port"))) == primary_port
+            and info.get("master_link_status") == "up"
+        )
+    return False
+
+
+class Writer:
+    """Writes k0, k1, … to whichever server the Router says is the primary; remembers which
+    server acknowledged each key."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.acked: list[tuple[str, str]] = []  # (key, instance that acknowledged it)
+        self.errors = 0
+        self._clients: dict[str, Redis] = {}
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def client(self, endpoint: str) -> Redis:
+        if endpoint not in self._clients:
+            host, port = endpoint.rsplit(":", 1)
+            self._clients[endpoint] = Redis(
+                host=host, port=int(port), socket_timeout=0.5, socket_connect_timeout=0.5
+            )
+        return self._clients[endpoint]
+
+    async def _loop(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            try:
+                primary = self.router.primary()
+            except NoRoute:
+                await asyncio.sleep(0.02)
+                continue
+            try:
+                await self.client(primary.endpoint).set(f"k{n}", n)
+            except (RedisError, OSError):
+                self.errors += 1
+                await asyncio.sleep(0.05)
+                continue
+            self.acked.append((f"k{n}", primary.instance))
+            n += 1
+            await asyncio.sleep(0.005)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        for client in self._clients.values():
+            await client.aclose()
+
+    def by(self, instance: str) -> list[str]:
+        return [key for key, who in self.acked if who == instance]
+
+
+@contextlib.asynccontextmanager
+async def writing(settings: Settings) -> AsyncIterator[Writer]:
+    async with Router("db", settings=settings) as router:
+        writer = Writer(router)
+        writer.start()
+        try:
+            yield writer
+        finally:
+            await writer.stop()
+
+
+async def group_ready(g: Group, router_settings: Settings) -> None:
+    async with Router("db", settings=router_settings) as router:
+        ok = await router.wait_for(
+            lambda t: t.primary == "r1" and len(t.routable("replica")) == 2, 20
+        )
+        assert ok, f"the group never became routable: {router.table}"
+
+
+async def test_kill_primary_promotes_one_replica_and_the_old_one_returns_as_replica(
+    settings, aggregators, group
+):
+    await aggregators(1)
+    sink = await EventSink(settings, "promoted.db.*").start()
+    try:
+        group.start_worker("worker-a")
+        group.start_worker("worker-b")
+        await group.workers_consuming("worker-a", "worker-b")
+        for name in ("r1", "r2", "r3"):
+            group.start_sidecar(name)
+        await group_ready(group, settings)
+        async with writing(settings) as writer:
+            await wait_until(lambda: len(writer.by("r1")) > 50, 10, "writes to r1")
+            killed_at = time.monotonic()
+            group.servers["r1"].proc.kill()  # type: ignore[union-attr]  # kill -9
+            promoted = await sink.wait_for("promoted", timeout_s=TTL_S + 2.0)
+            took = time.monotonic() - killed_at
+            new = promoted[0]["instance"]
+            assert new in ("r2", "r3") and promoted[0]["data"]["epoch"] == 1
+            assert promoted[0]["data"]["old_primary"] == "r1"
+            other = ({"r2", "r3"} - {new}).pop()
+            new_port = group.servers[new].port
+            await wait_until(
+                lambda: follows(group.servers[other].addr, new_port), 10, f"{other} follows {new}"
+            )
+            await wait_until(lambda: len(writer.by(new)) > 50, 10, f"writes resume on {new}")
+
+            # the old primary comes back empty, as a primary: demoted before it is routable
+            group.servers["r1"] = PrivateRedis(group.servers["r1"].port, FAST_SYNC).start()
+            await wait_until(
+                lambda: follows(group.servers["r1"].addr, new_port), 15, "r1 follows the new one"
+            )
+            await wait_until(lambda: len(writer.by(new)) > 100, 10, "more writes")
+        assert writer.by("r1") and writer.by(new)
+        assert {who for _, who in writer.acked} <= {"r1", new}, "a write went to a replica"
+
+        # every write the new primary acknowledged is there, on it and on the returned r1
+        keys = writer.by(new)
+        for name in (new, "r1"):
+            await wait_until(
+                lambda name=name: _has_all(group.servers[name].addr, keys), 10, f"keys on {name}"
+            )
+        result = await run_cli(settings, "routes", "db", "--json")
+        table = __import__("orjson").loads(result.output)[0]
+        entries = {e["instance"]: e for e in table["endpoints"]}
+        assert table["primary"] == new and table["epoch"] == 1
+        assert entries["r1"]["routable"] and entries["r1"]["role"] == "replica"
+        await asyncio.sleep(2 * TTL_S)  # anything left to run twice would have by now
+        assert len(sink.of("promoted")) == 1, sink.of("promoted")
+        logs = group.log_of("worker-a") + group.log_of("worker-b")
+        assert logs.count("starting a promotion") == 1, logs
+        print(
+            f"kill -9 -> promoted event {took:.2f}s (TTL {TTL_S}s); writer errors {writer.errors}"
+        )
+    finally:
+        await sink.close()
+
+
+async def _has_all(addr: str, keys: list[str]) -> bool:
+    host, port = addr.rsplit(":", 1)
+    client = Redis(host=host, port=int(port), socket_timeout=2)
+    try:
+        found = 0
+        for start in range(0, len(keys), 500):
+            found += await client.exists(*keys[start : start + 500])
+        return found == len(keys)
+    except (RedisError, OSError):
+        return False
+    finally:
+        await client.aclose()
+
+
+async def test_a_worker_killed_half_way_is_finished_by_the_other(settings, aggregators, group):
+    """Worker A dies (SIGKILL, a failpoint) right after REPLICAOF NO ONE; worker B, started
+    then, resumes the same promotion: same epoch, same candidate, one `promoted`."""
+    await aggregators(1)
+    sink = await EventSink(settings, "promoted.db.*").start()
+    try:
+        worker_a = group.start_worker("worker-a", HBBUS_FAILPOINTS="promote:after-replicaof")
+        await group.workers_consuming("worker-a")
+        for name in ("r1", "r2", "r3"):
+            group.start_sidecar(name)
+        await group_ready(group, settings)
+        group.servers["r1"].proc.kill()  # type: ignore[union-attr]
+        await wait_until(lambda: worker_a.poll() is not None, 15, "worker A to die half way")
+        assert worker_a.returncode == -9
+        assert "failpoint promote:after-replicaof armed" in group.log_of("worker-a")
+        infos = {n: await replication(group.servers[n].addr) for n in ("r2", "r3")}
+        chosen = [n for n, info in infos.items() if info["role"] == "master"]
+        assert len(chosen) == 1, infos  # A did REPLICAOF NO ONE on one replica, then died
+
+        group.start_worker("worker-b")
+        promoted = await sink.wait_for("promoted", timeout_s=30)
+        assert promoted[0]["instance"] == chosen[0] and promoted[0]["data"]["epoch"] == 1
+        assert "resuming the promotion" in group.log_of("worker-b")
+        other = ({"r2", "r3"} - {chosen[0]}).pop()
+        new_port = group.servers[chosen[0]].port
+        await wait_until(lambda: follows(group.servers[other].addr, new_port), 10, "follower")
+        await asyncio.sleep(1)
+        assert len(sink.of("promoted")) == 1
+    finally:
+        await sink.close()
