@@ -18,26 +18,29 @@ from hbbus.names import Names
 from hbbus.routing import Endpoint, NoRoute, Router, RoutingTable, Table
 from hbbus.settings import Settings
 from hbbus.store import connect_redis
-from hbbus.wire import Event
+from hbbus.wire import Event, decode_event
 from hbbus.workers.routes import DEFAULT_BINDINGS, RoutesAction
 from tests.helpers import run_cli, wait_until
 
 
 def event(kind: str, instance: str, ord_: int, **meta: Any) -> Event:
-    return Event(
-        id=f"{kind}-{instance}-{ord_}",
-        kind=kind,
-        service="db",
-        instance=instance,
-        incarnation="i1",
-        seq=ord_,
-        ord=ord_,
-        at_ms=0,
-        last_seen_ms=0,
-        ttl_ms=0,
-        prev="",
-        meta=meta,
-    )
+    """An event of service ``db`` as the aggregator would publish it."""
+    doc = {
+        "v": 1,
+        "id": f"{kind}-{instance}-{ord_}",
+        "kind": kind,
+        "service": "db",
+        "instance": instance,
+        "incarnation": "i1",
+        "seq": ord_,
+        "ord": ord_,
+        "at_ms": 0,
+        "last_seen_ms": 0,
+        "ttl_ms": 0,
+        "prev": "",
+        "meta": meta,
+    }
+    return decode_event(orjson.dumps(doc))
 
 
 @pytest.fixture
