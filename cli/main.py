@@ -748,8 +748,17 @@ def show(ctx: click.Context, target: str, as_json: bool) -> None:
 def fmt_event(event: dict[str, Any]) -> str:
     at = datetime.fromtimestamp(event["at_ms"] / 1000).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     extra = ""
+    data = event.get("data") or {}
     if event["kind"] == "dead":
         extra = f"  silent {event['at_ms'] - event['last_seen_ms']} ms (ttl {event['ttl_ms']} ms)"
+    elif event["kind"].startswith("action."):
+        what = data.get("detail") or data.get("error") or ""
+        extra = (
+            f"  {data.get('group')} ({data.get('action')}) on {data.get('for_kind')}, "
+            f"try {data.get('attempt')}: {what}"
+        )
+    elif event["kind"] == "promoted":
+        extra = f"  epoch {data.get('epoch')}, replaces {data.get('old_primary')}"
     return (
         f"{at}  {event['kind']:<10} {event['service']}/{event['instance']}  "
         f"inc={event['incarnation']} seq={event['seq']} id={event['id']}{extra}"

@@ -133,9 +133,9 @@ def _str_list(spec: dict[str, Any], key: str, where: str) -> list[str]:
 
 def _default_bindings(kind: str, spec: dict[str, Any], where: str) -> list[str]:
     if kind == "redis-promote":
-        service = check_name(str(spec.get("service") or ""), f"{where}: service")
+        service = check_name(str(spec.get("service") or ""), "service")
         return [f"{k}.{service}.*" for k in LIFECYCLE_KINDS]
-    services = [check_name(s, f"{where}: service") for s in _str_list(spec, "services", where)]
+    services = [check_name(s, "service") for s in _str_list(spec, "services", where)]
     if kind == "routes":
         return [f"{k}.{s}.*" for k in LIFECYCLE_KINDS for s in services or ["*"]]
     if kind == "haproxy" and services:
@@ -144,12 +144,25 @@ def _default_bindings(kind: str, spec: dict[str, Any], where: str) -> list[str]:
 
 
 def check_spec(raw: dict[str, Any], defaults: dict[str, Any], source: str) -> ActionSpec:
-    """Check one ``[[action]]`` table (with the file's defaults) into an ActionSpec."""
+    """Check one ``[[action]]`` table (with the file's defaults) into an ActionSpec; every
+    error names the file and the action."""
     name = raw.get("name")
     where = f"{source}: action {name!r}" if name else f"{source}: an action without a name"
+    try:
+        return _check_spec(raw, defaults, source, where)
+    except ConfigError as exc:
+        if str(exc).startswith(source):
+            raise
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_spec(
+    raw: dict[str, Any], defaults: dict[str, Any], source: str, where: str
+) -> ActionSpec:
+    name = raw.get("name")
     if not isinstance(name, str):
         raise ConfigError(f'{where}: every action needs name = "..." (its consumer group)')
-    check_name(name, f"{where}: name")
+    check_name(name, "name")
     kind = raw.get("type")
     if kind not in ACTION_KEYS:
         raise ConfigError(f"{where}: type must be one of {', '.join(ACTION_KEYS)}; got {kind!r}")
@@ -224,7 +237,7 @@ def build_action(spec: ActionSpec) -> Action:
     if spec.type == "redis-promote":
         password_env = _want(o, "password_env", str, where)
         return RedisPromoteAction(
-            check_name(str(o.get("service") or ""), f"{where}: service"),
+            check_name(str(o.get("service") or ""), "service"),
             password=os.environ.get(password_env) if password_env else None,
             lease_ms=int(_want(o, "lease_ms", int, where) or 5000),
             timeout_s=timeout or 2.0,
