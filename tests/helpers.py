@@ -7,7 +7,7 @@ import contextlib
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
@@ -173,17 +173,34 @@ async def run_cli(settings: Settings, *args: str) -> Any:
 
     from hbbus.cli.main import cli
 
-    runner = CliRunner()
-    return await asyncio.to_thread(
-        runner.invoke,
-        cli,
-        [
-            "--amqp-url",
-            settings.amqp_url,
-            "--redis-url",
-            settings.redis_url,
-            "--namespace",
-            settings.namespace,
-            *args,
-        ],
-    )
+    return await asyncio.to_thread(CliRunner().invoke, cli, [*cli_settings(settings), *args])
+
+
+def cli_settings(settings: Settings) -> list[str]:
+    """The global options that point ``hbbus`` at ``settings``."""
+    return [
+        "--amqp-url",
+        settings.amqp_url,
+        "--redis-url",
+        settings.redis_url,
+        "--namespace",
+        settings.namespace,
+    ]
+
+
+@contextlib.asynccontextmanager
+async def running(*consumers: Any) -> AsyncIterator[None]:
+    """Run failover consumers until the block ends (each ready first; a start error raises)."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(c.run(stop)) for c in consumers]
+    for consumer, task in zip(consumers, tasks, strict=True):
+        ready = asyncio.ensure_future(consumer.ready.wait())
+        await asyncio.wait({task, ready}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if task.done():
+            task.result()
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 20)

@@ -16,24 +16,13 @@ from click.testing import CliRunner
 from hbbus.cli.main import EXIT_NOT_FOUND, EXIT_UNAVAILABLE, cli
 from hbbus.store import Store
 from hbbus.wire import Heartbeat
+from tests.helpers import cli_settings
 
 HBBUS = [sys.executable, "-m", "hbbus.cli"]
 
 
 def invoke(settings, *args):
-    runner = CliRunner()
-    return runner.invoke(
-        cli,
-        [
-            "--amqp-url",
-            settings.amqp_url,
-            "--redis-url",
-            settings.redis_url,
-            "--namespace",
-            settings.namespace,
-            *args,
-        ],
-    )
+    return CliRunner().invoke(cli, [*cli_settings(settings), *args])
 
 
 def seed(settings, *beats):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 
 import aio_pika
@@ -16,7 +15,7 @@ from hbbus.errors import PermanentFailure
 from hbbus.failover import FailoverConsumer, RetryPolicy, dlq_messages
 from hbbus.names import Names
 from hbbus.workers.failover_runner import exec_consumer
-from tests.helpers import wait_until
+from tests.helpers import running, wait_until
 
 FAST_RETRY = RetryPolicy(max_retries=3, base_s=0.05, max_s=0.2)
 
@@ -49,21 +48,6 @@ async def publish(settings, *events):
                 aio_pika.Message(orjson.dumps(e), delivery_mode=2),
                 f"{e['kind']}.{e['service']}.{e['instance']}",
             )
-
-
-@contextlib.asynccontextmanager
-async def running(consumer: FailoverConsumer):
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-    ready = asyncio.ensure_future(consumer.ready.wait())
-    await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-    try:
-        yield consumer
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 def consumer_with(settings, handler, group="g", bindings=("dead.#",), kinds=("dead",), **kw):

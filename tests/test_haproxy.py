@@ -5,11 +5,9 @@ real requests through HAProxy sees no error after that; restarted, it is READY a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -18,7 +16,7 @@ import pytest
 from hbbus.failover import FailoverConsumer, RetryPolicy
 from hbbus.settings import Settings
 from hbbus.workers.haproxy import HAProxyAction, runtime_command, server_states
-from tests.helpers import run_cli, wait_until
+from tests.helpers import run_cli, running, wait_until
 from tests.servers import PrivateHAProxy, free_port
 
 INTERVAL_S = 0.3
@@ -64,18 +62,6 @@ class Backends:
         for proc in self.procs.values():
             proc.kill()
             proc.wait(10)
-
-
-@contextlib.asynccontextmanager
-async def running(consumer: FailoverConsumer) -> AsyncIterator[FailoverConsumer]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-    await asyncio.wait_for(consumer.ready.wait(), 15)
-    try:
-        yield consumer
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
 
 
 class Traffic:

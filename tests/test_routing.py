@@ -4,7 +4,6 @@ heartbeaters -> aggregator -> events -> routes action -> table -> `routes` event
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,7 +19,7 @@ from hbbus.settings import Settings
 from hbbus.store import connect_redis
 from hbbus.wire import Event, decode_event
 from hbbus.workers.routes import DEFAULT_BINDINGS, RoutesAction
-from tests.helpers import run_cli, wait_until
+from tests.helpers import run_cli, running, wait_until
 
 
 def event(kind: str, instance: str, ord_: int, **meta: Any) -> Event:
@@ -158,22 +157,6 @@ def test_no_route_and_primary_rules():
 
 
 # -- end to end ---------------------------------------------------------------------------------
-@contextlib.asynccontextmanager
-async def running(consumer: FailoverConsumer) -> AsyncIterator[FailoverConsumer]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-    ready = asyncio.ensure_future(consumer.ready.wait())
-    await asyncio.wait({task, ready}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
-    ready.cancel()
-    if task.done():
-        task.result()
-    try:
-        yield consumer
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
-
-
 def routes_consumer(settings: Settings, group: str = "routes") -> FailoverConsumer:
     consumer = FailoverConsumer(
         settings, group, DEFAULT_BINDINGS, retry=RetryPolicy(max_retries=3, base_s=0.2)

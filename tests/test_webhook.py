@@ -5,10 +5,9 @@ done is published as action.succeeded / action.failed events."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
@@ -20,7 +19,7 @@ from hbbus.failover import FailoverConsumer, RetryPolicy
 from hbbus.settings import Settings
 from hbbus.signing import sign, verify
 from hbbus.workers.webhook import WebhookAction, read_secret
-from tests.helpers import EventSink, wait_until
+from tests.helpers import EventSink, running, wait_until
 from tests.test_routing import event
 
 SECRET = b"s3cret-for-tests"
@@ -74,19 +73,6 @@ def receiver() -> Iterator[Receiver]:
     yield r
     r.server.shutdown()
     r.server.server_close()
-
-
-@contextlib.asynccontextmanager
-async def running(*consumers: FailoverConsumer) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(c.run(stop)) for c in consumers]
-    for c in consumers:
-        await asyncio.wait_for(c.ready.wait(), 15)
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 20)
 
 
 def hook(settings: Settings, group: str, url: str) -> FailoverConsumer:

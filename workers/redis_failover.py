@@ -47,20 +47,25 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def node_client(addr: str, password: str | None, timeout_s: float) -> Redis:
+    """A client for one managed ``redis-server`` (not hbbus' own Redis): short timeouts."""
+    host, port = parse_addr(addr)
+    return Redis(
+        host=host,
+        port=port,
+        password=password,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        decode_responses=True,
+    )
+
+
 class RedisNode:
     """One managed ``redis-server``, spoken to directly (short timeouts, one connection)."""
 
     def __init__(self, addr: str, password: str | None, timeout_s: float) -> None:
         self.addr = addr
-        host, port = parse_addr(addr)
-        self.client = Redis(
-            host=host,
-            port=port,
-            password=password,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            decode_responses=True,
-        )
+        self.client = node_client(addr, password, timeout_s)
 
     async def __aenter__(self) -> RedisNode:
         return self

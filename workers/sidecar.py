@@ -13,14 +13,13 @@ import logging
 import re
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from hbbus.client import Heartbeater
 from hbbus.errors import SkipBeat
 from hbbus.routing import normalise_role
 from hbbus.settings import Settings
-from hbbus.workers.redis_failover import parse_addr
+from hbbus.workers.redis_failover import node_client
 
 log = logging.getLogger("hbbus.sidecar")
 
@@ -34,18 +33,10 @@ class RedisProbe:
     """The meta callable: the server's replication state, or SkipBeat."""
 
     def __init__(self, addr: str, password: str | None, timeout_s: float) -> None:
-        host, port = parse_addr(addr)
         self.addr = addr
         self.timeout_s = timeout_s
         self.failing = False
-        self.client = Redis(
-            host=host,
-            port=port,
-            password=password,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            decode_responses=True,
-        )
+        self.client = node_client(addr, password, timeout_s)
 
     async def __call__(self) -> dict[str, Any]:
         try:

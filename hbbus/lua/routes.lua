@@ -78,33 +78,34 @@ local function upsert()
   return result(save(INST, old, e))
 end
 
--- ARGV[5] why
-local function remove()
+-- change INST's entry with fn(copy), if it has one
+local function modify(fn)
   local old = load_entry(INST)
   if not old then return result(0, select(3, state())) end
   local e = cjson.decode(cjson.encode(old))
-  e.routable = false
-  if not e.fenced then e.reason = ARGV[5] end
+  fn(e, old)
   return result(save(INST, old, e))
+end
+
+-- ARGV[5] why
+local function remove()
+  return modify(function(e)
+    e.routable = false
+    if not e.fenced then e.reason = ARGV[5] end
+  end)
 end
 
 -- Keep an instance out of routing until `unfence` (a replica resyncing). ARGV[5] why
 local function fence()
-  local old = load_entry(INST)
-  if not old then return result(0, select(3, state())) end
-  local e = cjson.decode(cjson.encode(old))
-  e.fenced, e.routable, e.reason = true, false, ARGV[5]
-  return result(save(INST, old, e))
+  return modify(function(e) e.fenced, e.routable, e.reason = true, false, ARGV[5] end)
 end
 
 -- ARGV[5] ord of the event after whose state the instance was made a replica
 local function unfence()
-  local old = load_entry(INST)
-  if not old then return result(0, select(3, state())) end
-  local e = cjson.decode(cjson.encode(old))
-  e.fenced, e.routable, e.role, e.reason = false, true, 'replica', ''
-  e.cleared_ord = math.max(tonumber(old.cleared_ord) or 0, tonumber(ARGV[5]))
-  return result(save(INST, old, e))
+  return modify(function(e, old)
+    e.fenced, e.routable, e.role, e.reason = false, true, 'replica', ''
+    e.cleared_ord = math.max(tonumber(old.cleared_ord) or 0, tonumber(ARGV[5]))
+  end)
 end
 
 local function promotion()
