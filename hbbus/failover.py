@@ -7,14 +7,17 @@ For each event:
 1. Parse it; an event that is not an hbbus event goes to the group's DLQ (never retried).
 2. Find the handler for its kind (or ``"*"``); none: ack, nothing to do.
 3. Deduplicate per group in Redis, by event id (done already?) and by instance order (an
-   event older than one already handled for the instance is stale), and take a short
-   in-flight lease so two members never run the same event at once.
-4. Run the handler (with a timeout). Success: mark done, ack. Failure: republish to the retry
-   queue of that attempt (a TTL queue that dead-letters back to the group's queue: capped
-   exponential backoff that survives restarts), then ack; after ``max_retries`` retries, or on
+   event older than one already handled for the instance is stale), and take an in-flight
+   lease, renewed while the handler runs, so two members never run the same event at once and
+   a member that dies mid-handler loses the event to another within ``lease_ms``.
+4. Run the handler (with a timeout). Success: publish ``action.succeeded``, mark done, ack.
+   Failure: publish ``action.failed``, republish to the retry queue of that attempt (a TTL
+   queue that dead-letters back to the group's queue: capped exponential backoff that
+   survives restarts), then ack; after ``max_retries`` retries, or on
    :class:`PermanentFailure`, publish to ``<ns>.failover.<group>.dlq`` with the error.
 
 Handlers therefore run at least once, in order per instance, and are deduplicated by id.
+Reusable actions (HAProxy, routing, Redis promotion, webhook, exec) subclass :class:`Action`.
 """
 
 from __future__ import annotations

@@ -6,14 +6,20 @@ ports and are torn down by their fixtures (../shared/TESTING.md).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from hbbus.settings import Settings
 
 
 def free_port() -> int:
@@ -220,3 +226,90 @@ class PrivateHAProxy:
                 self.proc.kill()
                 self.proc.wait(10)
             self.proc = None
+
+
+HBBUS = [sys.executable, "-m", "hbbus.cli"]
+FAST_SYNC = ("--repl-diskless-sync-delay", "0")  # Redis waits 5 s for more replicas by default
+
+
+def env_for(settings: Settings, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HBBUS_AMQP_URL": settings.amqp_url,
+        "HBBUS_REDIS_URL": settings.redis_url,
+        "HBBUS_NAMESPACE": settings.namespace,
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        **extra,
+    }
+
+
+@dataclass
+class RedisGroup:
+    """The redis-servers (r1 primary, r2 and r3 replicas), their sidecars, the workers."""
+
+    settings: Settings
+    logs: Path
+    interval_s: float = 0.2
+    servers: dict[str, PrivateRedis] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start_servers(self) -> None:
+        primary = PrivateRedis(args=FAST_SYNC).start()
+        self.servers["r1"] = primary
+        for name in ("r2", "r3"):
+            args = (*FAST_SYNC, "--replicaof", "127.0.0.1", str(primary.port))
+            self.servers[name] = PrivateRedis(args=args).start()
+
+    def spawn(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(
+            [*HBBUS, *args], env=env_for(self.settings, **env), stdout=log, stderr=log
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_sidecar(self, name: str, misses: int = 3) -> None:
+        addr = self.servers[name].addr
+        self.spawn(
+            f"sidecar-{name}",
+            "sidecar",
+            "redis",
+            "--addr",
+            addr,
+            "--service",
+            "db",
+            "--instance",
+            name,
+            "--interval",
+            str(self.interval_s),
+            "--misses",
+            str(misses),
+        )
+
+    def start_worker(self, name: str, **env: str) -> subprocess.Popen[bytes]:
+        return self.spawn(name, "failover", "run", "--group", "db", "--redis-promote", "db", **env)
+
+    async def workers_consuming(self, *names: str, timeout_s: float = 15) -> None:
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            while "consuming" not in self.log_of(name):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} did not start consuming")
+                await asyncio.sleep(0.05)
+
+    def log_of(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        for server in self.servers.values():
+            server.stop()

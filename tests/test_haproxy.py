@@ -17,23 +17,11 @@ from hbbus.failover import FailoverConsumer, RetryPolicy
 from hbbus.settings import Settings
 from hbbus.workers.haproxy import HAProxyAction, runtime_command, server_states
 from tests.helpers import run_cli, running, wait_until
-from tests.servers import PrivateHAProxy, free_port
+from tests.servers import PrivateHAProxy, env_for, free_port
 
 INTERVAL_S = 0.3
 TTL_S = INTERVAL_S * 3
 BACKEND = Path(__file__).parent / "apps" / "http_backend.py"
-
-
-def env_for(settings: Settings) -> dict[str, str]:
-    import os
-
-    return {
-        **os.environ,
-        "HBBUS_AMQP_URL": settings.amqp_url,
-        "HBBUS_REDIS_URL": settings.redis_url,
-        "HBBUS_NAMESPACE": settings.namespace,
-        "PYTHONPATH": str(Path(__file__).parent.parent),
-    }
 
 
 class Backends:

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -25,94 +21,16 @@ from redis.exceptions import RedisError
 from hbbus.routing import NoRoute, Router
 from hbbus.settings import Settings
 from tests.helpers import EventSink, run_cli, wait_until
-from tests.servers import PrivateRedis
+from tests.servers import FAST_SYNC, PrivateRedis, RedisGroup
 
 INTERVAL_S = 0.2
 TTL_S = INTERVAL_S * 3
-HBBUS = [sys.executable, "-m", "hbbus.cli"]
-FAST_SYNC = ("--repl-diskless-sync-delay", "0")  # Redis waits 5 s for more replicas by default
-
-
-def env_for(settings: Settings, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "HBBUS_AMQP_URL": settings.amqp_url,
-        "HBBUS_REDIS_URL": settings.redis_url,
-        "HBBUS_NAMESPACE": settings.namespace,
-        "PYTHONPATH": str(Path(__file__).parent.parent),
-        **extra,
-    }
-
-
-@dataclass
-class Group:
-    """The redis-servers (r1 primary, r2 and r3 replicas), their sidecars, the workers."""
-
-    settings: Settings
-    logs: Path
-    servers: dict[str, PrivateRedis] = field(default_factory=dict)
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def start_servers(self) -> None:
-        primary = PrivateRedis(args=FAST_SYNC).start()
-        self.servers["r1"] = primary
-        for name in ("r2", "r3"):
-            args = (*FAST_SYNC, "--replicaof", "127.0.0.1", str(primary.port))
-            self.servers[name] = PrivateRedis(args=args).start()
-
-    def spawn(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen(
-            [*HBBUS, *args], env=env_for(self.settings, **env), stdout=log, stderr=log
-        )
-        log.close()
-        self.procs[name] = proc
-        return proc
-
-    def start_sidecar(self, name: str) -> None:
-        addr = self.servers[name].addr
-        self.spawn(
-            f"sidecar-{name}",
-            "sidecar",
-            "redis",
-            "--addr",
-            addr,
-            "--service",
-            "db",
-            "--instance",
-            name,
-            "--interval",
-            str(INTERVAL_S),
-        )
-
-    def start_worker(self, name: str, **env: str) -> subprocess.Popen[bytes]:
-        return self.spawn(name, "failover", "run", "--group", "db", "--redis-promote", "db", **env)
-
-    async def workers_consuming(self, *names: str) -> None:
-        for name in names:
-            await wait_until(lambda n=name: "consuming" in self.log_of(n), 15, f"{name} up")
-
-    def log_of(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        for server in self.servers.values():
-            server.stop()
 
 
 @pytest.fixture
-def group(settings: Settings, need_tool, tmp_path: Path) -> Iterator[Group]:
+def group(settings: Settings, need_tool, tmp_path: Path) -> Iterator[RedisGroup]:
     need_tool("redis-server")
-    g = Group(settings, tmp_path)
+    g = RedisGroup(settings, tmp_path, INTERVAL_S)
     try:
         g.start_servers()
         yield g
@@ -203,7 +121,7 @@ async def writing(settings: Settings) -> AsyncIterator[Writer]:
             await writer.stop()
 
 
-async def group_ready(g: Group, router_settings: Settings) -> None:
+async def group_ready(g: RedisGroup, router_settings: Settings) -> None:
     async with Router("db", settings=router_settings) as router:
         ok = await router.wait_for(
             lambda t: t.primary == "r1" and len(t.routable("replica")) == 2, 20
