@@ -462,7 +462,7 @@ ACTION_FLAGS = ("command", "webhook", "sockets", "routes", "redis_promote")
 def single_action_spec(flags: dict[str, Any]) -> Any:
     """The ActionSpec the single-action flags of ``failover run`` describe."""
     from hbbus.failover import RetryPolicy
-    from hbbus.workers.failover_runner import ActionSpec, check_spec
+    from hbbus.workers.failover_runner import ACTION_KEYS, ActionSpec, check_spec
 
     chosen = [k for k in ACTION_FLAGS if flags[k]]
     if len(chosen) != 1:
@@ -472,28 +472,12 @@ def single_action_spec(flags: dict[str, Any]) -> Any:
         )
     if not flags["group"]:
         raise ConfigError("--group is required without --config")
-    raw: dict[str, Any] = {"name": flags["group"]}
+    raw: dict[str, Any] = {"name": flags["group"], **_action_keys(chosen[0], flags)}
     if flags["bindings"]:
         raw["bind"] = list(flags["bindings"])
-    kind = chosen[0]
-    if kind == "command":
-        raw.update(type="exec", command=flags["command"])
-    elif kind == "webhook":
-        raw.update(type="webhook", url=flags["webhook"])
-        if flags["secret_env"]:
-            raw["secret_env"] = flags["secret_env"]
-    elif kind == "sockets":
-        raw.update(
-            type="haproxy",
-            sockets=list(flags["sockets"]),
-            server=flags["server"],
-            down_state=flags["down_state"],
-        )
-    elif kind == "routes":
-        raw["type"] = "routes"
-    else:
-        raw.update(type="redis-promote", service=flags["redis_promote"])
     if flags["timeout"] is not None:
+        if "timeout_s" not in ACTION_KEYS[raw["type"]]:
+            raise ConfigError(f"--timeout does not apply to the {raw['type']} action")
         raw["timeout_s"] = flags["timeout"]
     spec: ActionSpec = check_spec(raw, {}, "flags")
     spec.retry = RetryPolicy(
@@ -502,6 +486,25 @@ def single_action_spec(flags: dict[str, Any]) -> Any:
         max_s=max(flags["backoff"], flags["max_backoff"]),
     )
     return spec
+
+
+def _action_keys(flag: str, flags: dict[str, Any]) -> dict[str, Any]:
+    """The config keys that one single-action flag (and its companions) stand for."""
+    if flag == "command":
+        return {"type": "exec", "command": flags["command"]}
+    if flag == "webhook":
+        secret = {"secret_env": flags["secret_env"]} if flags["secret_env"] else {}
+        return {"type": "webhook", "url": flags["webhook"], **secret}
+    if flag == "sockets":
+        return {
+            "type": "haproxy",
+            "sockets": list(flags["sockets"]),
+            "server": flags["server"],
+            "down_state": flags["down_state"],
+        }
+    if flag == "routes":
+        return {"type": "routes"}
+    return {"type": "redis-promote", "service": flags["redis_promote"]}
 
 
 @failover.command("check")

@@ -392,8 +392,9 @@ class FailoverConsumer:
                 event, message, attempt, error, permanent=isinstance(exc, PermanentFailure)
             )
         text = _detail_text(detail)
-        await self._report(event, "action.succeeded", attempt, {"detail": text})
+        # done first: an action that succeeded must not run again because its report failed
         await self._finish(keys=keys, args=[event.instance_id, event.ord, self.dedupe_ttl_s])
+        await self._report(event, "action.succeeded", attempt, {"detail": text})
         log.info(
             "failover %s (%s): %s %s handled (attempt %d)%s",
             self.group,
@@ -407,7 +408,18 @@ class FailoverConsumer:
 
     async def _report(self, event: Event, kind: str, attempt: int, data: dict[str, Any]) -> None:
         """Publish ``action.succeeded``/``action.failed`` about ``event`` (never about another
-        action's event: no feedback loops)."""
+        action's event: no feedback loops). Best effort: the action's log line stays the
+        record when the broker or Redis cannot take the report."""
+        try:
+            await self._publish_report(event, kind, attempt, data)
+        except (RedisError, DeliveryFailed, *AMQP_ERRORS) as exc:
+            log.warning(
+                "failover %s: %s about %s not published: %s", self.group, kind, event.id, exc
+            )
+
+    async def _publish_report(
+        self, event: Event, kind: str, attempt: int, data: dict[str, Any]
+    ) -> None:
         if not self.report or event.kind in ACTION_KINDS:
             return
         report = new_event(

@@ -49,6 +49,7 @@ class PrivateRedis:
         self.port = port or free_port()
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
+        self.dir: str | None = None
 
     @property
     def url(self) -> str:
@@ -59,9 +60,12 @@ class PrivateRedis:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> PrivateRedis:
+        self.dir = tempfile.mkdtemp(prefix="hbbus-redis-")  # a replica writes the RDB it gets
         self.proc = subprocess.Popen(
             [
                 "redis-server",
+                "--dir",
+                self.dir,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -88,6 +92,9 @@ class PrivateRedis:
             self.proc.wait(10)
             self.proc = None
             wait_port(self.port, 10, up=False)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
 
 class PrivateRabbit:

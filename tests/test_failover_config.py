@@ -94,6 +94,8 @@ def test_cli_check_and_bad_combinations(tmp_path):
     assert result.exit_code == 2 and "--config excludes" in result.output
     result = runner.invoke(cli, ["failover", "run", "--routes"])
     assert result.exit_code == 2 and "--group is required" in result.output
+    result = runner.invoke(cli, ["failover", "run", "--group", "r", "--routes", "--timeout", "3"])
+    assert result.exit_code == 2 and "--timeout does not apply to the routes" in result.output
 
 
 async def test_one_process_runs_every_action_of_the_file(settings, aggregators, tmp_path):

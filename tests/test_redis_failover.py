@@ -64,7 +64,8 @@ class Writer:
 
     def __init__(self, router: Router) -> None:
         self.router = router
-        self.acked: list[tuple[str, str]] = []  # (key, instance that acknowledged it)
+        # (key, instance that acknowledged it, when: monotonic seconds)
+        self.acked: list[tuple[str, str, float]] = []
         self.errors = 0
         self._clients: dict[str, Redis] = {}
         self._stop = asyncio.Event()
@@ -92,7 +93,7 @@ class Writer:
                 self.errors += 1
                 await asyncio.sleep(0.05)
                 continue
-            self.acked.append((f"k{n}", primary.instance))
+            self.acked.append((f"k{n}", primary.instance, time.monotonic()))
             n += 1
             await asyncio.sleep(0.005)
 
@@ -107,7 +108,7 @@ class Writer:
             await client.aclose()
 
     def by(self, instance: str) -> list[str]:
-        return [key for key, who in self.acked if who == instance]
+        return [key for key, who, _ in self.acked if who == instance]
 
 
 @contextlib.asynccontextmanager
@@ -164,7 +165,12 @@ async def test_kill_primary_promotes_one_replica_and_the_old_one_returns_as_repl
             )
             await wait_until(lambda: len(writer.by(new)) > 100, 10, "more writes")
         assert writer.by("r1") and writer.by(new)
-        assert {who for _, who in writer.acked} <= {"r1", new}, "a write went to a replica"
+        assert {who for _, who, _ in writer.acked} <= {"r1", new}, "a write went to a replica"
+        # never a second primary: once killed, r1 acknowledged nothing, not even after its return
+        late = [
+            (key, at - killed_at) for key, who, at in writer.acked if who == "r1" and at > killed_at
+        ]
+        assert late == [], late
 
         # every write the new primary acknowledged is there, on it and on the returned r1
         keys = writer.by(new)

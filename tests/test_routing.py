@@ -123,6 +123,29 @@ async def test_a_returning_old_primary_stays_fenced_until_unfenced(table):
     assert (await table.read("db")).entries["a"].fenced
 
 
+async def test_an_older_event_never_takes_the_primary_role_away(table):
+    """Two actions apply the same events: a late `recovered` of the new primary, from before
+    its promotion (role replica), must not leave the service without a routable primary."""
+    await table.upsert(event("joined", "a", 1, endpoint="h:1", role="primary"))
+    await table.upsert(event("joined", "c", 1, endpoint="h:3", role="replica"))
+    await table.begin_promotion("db", "a", "w1", 5000)
+    await table.commit_promotion("db", 1, "w1", "c", "a")
+    await table.upsert(event("recovered", "c", 2, endpoint="h:3", role="replica"))
+    snap = await table.read("db")
+    assert snap.primary == "c" and snap.entries["c"].role == "primary"
+    assert snap.entries["c"].routable
+
+
+async def test_the_old_primary_returning_mid_promotion_is_fenced(table):
+    await table.upsert(event("joined", "a", 1, endpoint="h:1", role="primary"))
+    await table.remove("db", "a", "dead")
+    await table.begin_promotion("db", "a", "w1", 5000)
+    await table.upsert(event("recovered", "a", 3, endpoint="h:1", role="primary"))
+    entry = (await table.read("db")).entries["a"]
+    assert entry.fenced and not entry.routable
+    assert entry.reason == "a promotion is replacing it"
+
+
 # -- strategies (no I/O) ----------------------------------------------------------------------
 def router_with(entries: list[Endpoint], strategy: str = "round_robin") -> Router:
     router = Router("db", settings=Settings(), strategy=strategy)

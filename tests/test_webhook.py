@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from hbbus.client import Heartbeater
-from hbbus.errors import ConfigError, PermanentFailure
+from hbbus.errors import ActionFailed, ConfigError, PermanentFailure
 from hbbus.failover import FailoverConsumer, RetryPolicy
 from hbbus.settings import Settings
 from hbbus.signing import sign, verify
@@ -155,7 +155,7 @@ async def test_client_errors_are_permanent_and_unreachable_is_retried(receiver):
     unreachable = WebhookAction("http://127.0.0.1:9/", timeout_s=1)
     await unreachable.start(None)  # type: ignore[arg-type]
     try:
-        with pytest.raises(Exception, match=r"POST http://127\.0\.0\.1:9/") as info:
+        with pytest.raises(ActionFailed, match=r"POST http://127\.0\.0\.1:9/") as info:
             await unreachable.handle(event("dead", "x", 1))
         assert not isinstance(info.value, PermanentFailure)
     finally:

@@ -21,6 +21,7 @@ same promotion (same epoch, same candidate).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, ClassVar
@@ -130,16 +131,17 @@ class RedisPromoteAction(Action):
         self._table = RoutingTable(consumer.redis, consumer.names)
 
         async def announce(event: Event, change: Change | None, what: str) -> None:
-            await self._announce(event.instance, change, what)
+            if change is not None and change.changed:
+                await self._announce(event.instance, change, what)
 
-        await reconcile(consumer, self.table, (self.service,), announce)
-        table = await self.table.read(self.service)
-        primary = table.entries.get(table.primary)
-        if primary is not None and primary.reason == "dead":
-            try:
+        try:
+            await reconcile(consumer, self.table, (self.service,), announce)
+            table = await self.table.read(self.service)
+            primary = table.entries.get(table.primary)
+            if primary is not None and primary.reason == "dead":
                 log.warning("redis %s: %s", self.service, await self.promote(table.primary))
-            except ActionFailed as exc:  # the next event, or the next start, tries again
-                log.error("redis %s: catch-up promotion failed: %s", self.service, exc)
+        except Exception as exc:  # the next event, or the next start, tries again
+            log.error("redis %s: catch-up at start failed: %s", self.service, exc)
 
     @property
     def table(self) -> RoutingTable:
@@ -166,7 +168,9 @@ class RedisPromoteAction(Action):
         return await self.rejoin(event)
 
     async def _announce(self, instance: str, change: Change | None, what: str) -> None:
-        if change is not None and change.changed:
+        """Publish the table's version (also when unchanged: a retry after a publish that
+        failed must still move the routers; the id is the version, so copies are one event)."""
+        if change is not None:
             routes = self.table.change_event(self.service, instance, change, what)
             await self.consumer.publish(routes)
 
@@ -195,6 +199,25 @@ class RedisPromoteAction(Action):
         return await self._promote(epoch, old, candidate)
 
     async def _promote(self, epoch: int, old: str, candidate: str) -> str:
+        """Run the promotion while a background task renews the lock; every step first checks
+        that the lock is still ours, so a holder that lost it stops at once."""
+        keeper = asyncio.create_task(self._keep_lock(epoch))
+        try:
+            return await self._promote_steps(epoch, old, candidate)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _keep_lock(self, epoch: int) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            with contextlib.suppress(RedisError, OSError):
+                await self.table.promotion_step(
+                    self.service, epoch, self.consumer.token, self.lease_ms
+                )
+
+    async def _promote_steps(self, epoch: int, old: str, candidate: str) -> str:
         table = await self.table.read(self.service)
         chosen = table.entries.get(candidate) if candidate else None
         info = await self._usable(chosen)
@@ -202,11 +225,12 @@ class RedisPromoteAction(Action):
             chosen, info = await self._choose(table, old, epoch)
             await self._step(epoch, "candidate", chosen.instance)
         offset = offset_of(info)
+        await self._step(epoch, "state", "replicaof-no-one")
         async with self.node(chosen.endpoint) as node:
             await node.replicaof(None)
         await self._step(epoch, "state", "replicaof-done")
         failpoints.hit("promote:after-replicaof")
-        followers = await self._repoint(table, old, chosen)
+        followers = await self._repoint(epoch, old, chosen)
         change = await self.table.commit_promotion(
             self.service, epoch, self.consumer.token, chosen.instance, old
         )
@@ -235,7 +259,7 @@ class RedisPromoteAction(Action):
         try:
             async with self.node(entry.endpoint) as node:
                 return await node.replication()
-        except ActionFailed:
+        except (ActionFailed, ConfigError):  # unreachable, or a meta.endpoint that is no address
             return None
 
     async def _choose(self, table: Table, old: str, epoch: int) -> tuple[Endpoint, dict[str, Any]]:
@@ -250,18 +274,20 @@ class RedisPromoteAction(Action):
         if not live:
             await self.table.abort_promotion(self.service, epoch, self.consumer.token)
             raise ActionFailed(f"{self.service}: no live replica to promote")
-        return max(live, key=lambda pair: (offset_of(pair[1]), _neg(pair[0].instance)))
+        return min(live, key=lambda pair: (-offset_of(pair[1]), pair[0].instance))
 
-    async def _repoint(self, table: Table, old: str, primary: Endpoint) -> list[str]:
+    async def _repoint(self, epoch: int, old: str, primary: Endpoint) -> list[str]:
         """Point every other live replica at the new primary; one that is down now is pointed
         when it comes back (its ``recovered``)."""
         followers = []
+        table = await self.table.read(self.service)  # members may have come and gone
         for name, entry in sorted(table.entries.items()):
             if name in (old, primary.instance) or not entry.routable or not entry.endpoint:
                 continue
             try:
                 async with self.node(entry.endpoint) as node:
                     if not follows(await node.replication(), primary.endpoint):
+                        await self._step(epoch, "", "")
                         await node.replicaof(primary.endpoint)
                 followers.append(name)
             except ActionFailed as exc:
@@ -291,9 +317,16 @@ class RedisPromoteAction(Action):
         if change is None:
             return f"{event.instance} has no meta.endpoint"
         await self._announce(event.instance, change, f"{event.instance} {event.kind}")
+        if await self.table.promotion(self.service):
+            raise ActionFailed(f"a promotion of {self.service} is in progress; looking again")
         table = await self.table.read(self.service)
-        me = table.entries[event.instance]
         primary = table.entries.get(table.primary)
+        if primary is not None and primary.reason == "dead" and table.primary != event.instance:
+            # the primary's own promotion gave up (no replica was live then): try it now
+            log.warning("redis %s: %s", self.service, await self.promote(table.primary))
+            table = await self.table.read(self.service)
+            primary = table.entries.get(table.primary)
+        me = table.entries[event.instance]
         if table.primary == event.instance or primary is None:
             return f"{event.instance} routable ({me.role or 'no role'})"
         if not primary.routable:
@@ -344,8 +377,3 @@ def _synced(info: dict[str, Any]) -> bool:
         and info.get("master_link_status") == "up"
         and str(info.get("master_sync_in_progress", "0")) == "0"
     )
-
-
-def _neg(name: str) -> tuple[int, ...]:
-    """Sort key that prefers the lowest name under max()."""
-    return tuple(-ord(c) for c in name)

@@ -62,7 +62,9 @@ class RoutesAction(Action):
         return change, f"{event.instance} routable in {event.service} ({entry and entry.endpoint})"
 
     async def announce(self, event: Event, change: Change | None, what: str) -> None:
-        if change is not None and change.changed:
+        """Publish the table's version (also unchanged: a retry after a failed publish must
+        still move the routers; the event id is the version, so copies are one event)."""
+        if change is not None:
             assert self._consumer is not None
             routes = self.table.change_event(event.service, event.instance, change, what)
             await self._consumer.publish(routes)

@@ -10,7 +10,10 @@
 -- claims to be primary while another one is (an old primary back from the dead) is fenced, not
 -- routable, until a promotion action made it a replica (`unfence`).
 
-local OP, SVC, INST, NOW = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local OP, SVC, INST = ARGV[1], ARGV[2], ARGV[3]
+-- Redis time, one clock for every worker (ARGV[4], the caller's clock, is not used for leases)
+local T = redis.call('TIME')
+local NOW = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
 local K_ROUTES, K_STATE, K_PROMO, K_INDEX = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
 local function load_entry(inst)
@@ -60,9 +63,17 @@ local function upsert()
   if role == 'primary' and old and old.cleared_ord and ord <= old.cleared_ord then
     role = 'replica'
   end
+  -- the primary of record stays the primary whatever an older event says: only a commit
+  -- changes who it is
+  if primary == INST then role = 'primary' end
   local fenced, reason = old ~= nil and old.fenced == true, ''
   if fenced then reason = old.reason or 'fenced' end
-  if role == 'primary' then
+  -- the dead primary a promotion is replacing: never routable again until made a replica
+  local promo_old = redis.call('HGET', K_PROMO, 'old')
+  if promo_old == INST and not fenced then
+    fenced, reason = true, 'a promotion is replacing it'
+  end
+  if role == 'primary' and not fenced then
     if primary == '' then
       primary = INST
       redis.call('HSET', K_STATE, 'primary', INST)
