@@ -114,18 +114,20 @@ async def drain_aiormq(settings: Settings, queue_name: str, n: int) -> float:
         await connection.close()
 
 
-async def drain_aggregators(settings: Settings, n: int, procs: int, profile: str | None) -> float:
+async def drain_aggregators(
+    settings: Settings, n: int, procs: int, profile: str | None, *extra: str
+) -> float:
     """Seconds from the first heartbeat applied to the last, by ``procs`` processes."""
     base = 0
-    aggs = [spawn_aggregator(settings) for _ in range(procs)]
+    aggs = [spawn_aggregator(settings, *extra) for _ in range(procs)]
     try:
         await wait_ready(aggs)
         with profiled(aggs[0].pid, profile):
             while (first := await applied(aggs)) == 0:
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(0.01)
             start = time.perf_counter()
             while await applied(aggs) < n:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)  # scraping costs the aggregator: not too often
             elapsed = time.perf_counter() - start
         base = first
     finally:
