@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install servers demo test lint bench clean
 
@@ -32,7 +33,7 @@ lint: install
 	$(BIN)/mypy hbbus workers cli
 
 bench: install servers
-	$(BIN)/python bench/run.py
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -40,12 +40,20 @@ def new_incarnation() -> str:
 
 
 def _check_meta(meta: Any) -> Meta:
+    _encode_meta(meta)
+    return meta  # type: ignore[no-any-return]
+
+
+def _encode_meta(meta: Any) -> bytes:
+    """``meta`` encoded, once checked: a dict, small enough to leave room in a message."""
     if not isinstance(meta, dict):
         raise ConfigError(f"meta must be a dict, got {type(meta).__name__}")
-    size = len(orjson.dumps(meta))
-    if size > MAX_MESSAGE_BYTES - 512:
-        raise ConfigError(f"meta is {size} bytes encoded; keep it under {MAX_MESSAGE_BYTES - 512}")
-    return meta
+    encoded = orjson.dumps(meta)
+    if len(encoded) > MAX_MESSAGE_BYTES - 512:
+        raise ConfigError(
+            f"meta is {len(encoded)} bytes encoded; keep it under {MAX_MESSAGE_BYTES - 512}"
+        )
+    return encoded
 
 
 class Heartbeater:
@@ -89,6 +97,7 @@ class Heartbeater:
         self.connects = 0
         self._meta: MetaSource = _check_meta(meta) if isinstance(meta, dict) else meta
         self._last_meta: Meta = dict(meta) if isinstance(meta, dict) else {}
+        self._last_meta_json = orjson.dumps(self._last_meta)  # encoded once while unchanged
         self._meta_failing = False
         self.set_status(status)
         self._stop = asyncio.Event()
@@ -221,8 +230,10 @@ class Heartbeater:
             if inspect.isawaitable(value):
                 async with asyncio.timeout(self.interval_s / 2):
                     value = await value
-            if value is not None:
-                self._last_meta = _check_meta(dict(value) if isinstance(value, dict) else value)
+            if value is not None and value != self._last_meta:  # unchanged: nothing to encode
+                copy = dict(value) if isinstance(value, dict) else value
+                self._last_meta_json = _encode_meta(copy)
+                self._last_meta = copy
             self._meta_failing = False
         except SkipBeat:
             raise
@@ -254,7 +265,7 @@ class Heartbeater:
             meta,
         )
         message = aio_pika.Message(
-            beat.encode(),
+            beat.encode(self._last_meta_json),
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )

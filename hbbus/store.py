@@ -100,6 +100,15 @@ def zone_of(beat: Heartbeat) -> str:
     return zone if isinstance(zone, str) and NAME_RE.fullmatch(zone) else ""
 
 
+def ingest_arg(beat: Heartbeat, interval_ms: int, ttl_ms: int) -> bytes:
+    """One heartbeat as ingest.lua reads it: one argument, tab-separated, meta last."""
+    head = (
+        f"{beat.service}\t{beat.instance}\t{beat.incarnation}\t{beat.seq}\t{interval_ms}\t"
+        f"{ttl_ms}\t{beat.status}\t{zone_of(beat)}\t"
+    )
+    return head.encode() + orjson.dumps(beat.meta)
+
+
 def connect_redis(settings: Settings, name: str = "hbbus") -> aioredis.Redis:
     """A Redis client for ``settings`` (no I/O yet)."""
     return aioredis.Redis.from_url(
@@ -189,19 +198,7 @@ class Store:
         Returns the number of stale heartbeats ignored and the events of the transitions made.
         """
         args: list[Any] = [*self._common, aggregator, probe_ms, len(beats)]
-        for beat, interval_ms, ttl_ms in beats:
-            args += (
-                beat.service,
-                beat.instance,
-                beat.incarnation,
-                beat.seq,
-                interval_ms,
-                ttl_ms,
-                beat.sent_ms,
-                beat.status,
-                orjson.dumps(beat.meta),
-                zone_of(beat),
-            )
+        args += [ingest_arg(beat, interval_ms, ttl_ms) for beat, interval_ms, ttl_ms in beats]
         args += (self.epoch, secrets.token_hex(8), self.config.resync_ms)
         reply = await self._ingest(keys=self._keys, args=args)
         self.epoch = reply[1]

@@ -3,8 +3,10 @@
 A heartbeat on the wire (keys kept short, it is the hot message)::
 
     {"v": 1, "svc": "api", "inst": "api-1", "inc": "19a4c2f1e0b-3f9a1c", "seq": 42,
-     "ivl_ms": 1000, "misses": 3, "sent_ms": 1732300000000, "status": "ok",
+     "ivl_ms": 1000, "misses": 3, "sent_ms": 1732300000000,
      "meta": {"endpoint": "10.0.0.5:8080", "role": "primary"}}
+
+``status`` is left out when it is ``ok`` (the default).
 
 Anything that is not exactly this shape is refused with an :class:`InvalidMessage` whose
 ``reason`` is one of :data:`INVALID_REASONS`.
@@ -62,21 +64,24 @@ class Heartbeat:
     def key(self) -> tuple[str, str]:
         return (self.service, self.instance)
 
-    def encode(self) -> bytes:
-        return orjson.dumps(
-            {
-                "v": WIRE_VERSION,
-                "svc": self.service,
-                "inst": self.instance,
-                "inc": self.incarnation,
-                "seq": self.seq,
-                "ivl_ms": self.interval_ms,
-                "misses": self.misses,
-                "sent_ms": self.sent_ms,
-                "status": self.status,
-                "meta": self.meta,
-            }
-        )
+    def encode(self, meta_json: bytes | None = None) -> bytes:
+        """The message body; ``meta_json``: ``self.meta`` already encoded (the client caches
+        it while the meta does not change)."""
+        doc = {
+            "v": WIRE_VERSION,
+            "svc": self.service,
+            "inst": self.instance,
+            "inc": self.incarnation,
+            "seq": self.seq,
+            "ivl_ms": self.interval_ms,
+            "misses": self.misses,
+            "sent_ms": self.sent_ms,
+        }
+        if self.status != "ok":  # "ok" is the default: 14 bytes saved on almost every beat
+            doc["status"] = self.status
+        head = orjson.dumps(doc)
+        meta = orjson.dumps(self.meta) if meta_json is None else meta_json
+        return b"".join((head[:-1], b',"meta":', meta, b"}"))
 
 
 def _load_object(body: bytes, limit: int) -> dict[str, Any]:

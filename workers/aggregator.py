@@ -5,6 +5,12 @@ coalesce repeated heartbeats of one instance, one Lua call, publish the transiti
 then one multiple-ack. Redis trouble holds the batch (unacked, bounded by the prefetch) and
 retries it; nothing is acked before it is in Redis.
 
+The hot path consumes with aiormq directly, on the channel underneath aio-pika's robust
+channel: aio-pika's per-message wrapping cost more than everything else the aggregator does
+per heartbeat (see docs/benchmarks.md). The robust connection still reconnects and restores
+the channel, its QoS and the topology; the consumer is re-issued from the channel's reopen
+callback.
+
 Reaper: claims due deadlines and expired outbox leases in one Lua call, publishes the events
 with publisher confirms and mandatory, finalises those the broker confirmed, then sleeps until
 the next deadline (at most ``reaper_max_sleep_ms``).
@@ -25,8 +31,8 @@ from dataclasses import dataclass, field
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
-from aiormq.abc import FieldValue
+from aio_pika.abc import AbstractExchange
+from aiormq.abc import DeliveredMessage, FieldValue
 from redis.exceptions import RedisError
 
 from hbbus import metrics
@@ -77,6 +83,11 @@ def coalesce(beats: Sequence[Heartbeat]) -> list[Heartbeat]:
 def event_kind(routing_key: str) -> str:
     """``dead.api.api-1`` -> ``dead``; ``observer.degraded`` stays as it is."""
     return routing_key if routing_key.startswith("observer.") else routing_key.split(".", 1)[0]
+
+
+async def nack_all(last: DeliveredMessage) -> None:
+    """Give back every unacked delivery on ``last``'s channel, up to ``last``."""
+    await last.channel.basic_nack(last.delivery_tag or 0, multiple=True, requeue=True)
 
 
 def worker_name(role: str) -> str:
@@ -139,7 +150,7 @@ class Aggregator:
         self.names = Names(settings.namespace)
         self.name = name or worker_name("aggregator")
         self.counts: Counter[str] = Counter()
-        self._buffer: list[AbstractIncomingMessage] = []
+        self._buffer: list[DeliveredMessage] = []
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -147,7 +158,9 @@ class Aggregator:
         self.publisher: EventPublisher | None = None
         self._pub_channel: aio_pika.abc.AbstractChannel | None = None
         self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._consume_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._consumer_tag: str | None = None
+        self._consuming = False  # whether we mean to consume (the reopen callback reads it)
         self.redis_ok = True
         self._clock_offset_ms = 0.0
 
@@ -180,8 +193,10 @@ class Aggregator:
     async def _serve(
         self, connection: aio_pika.abc.AbstractRobustConnection, store: Store, stop: asyncio.Event
     ) -> None:
-        consume_channel = await connection.channel()
+        consume_channel: aio_pika.abc.AbstractRobustChannel = await connection.channel()  # type: ignore[assignment]
         await consume_channel.set_qos(prefetch_count=self.config.prefetch)
+        self._consume_channel = consume_channel
+        consume_channel.reopen_callbacks.add(self._on_reopen)
         queue = await declare_ingest(consume_channel, self.names)
         self._pub_channel = await connection.channel(publisher_confirms=True)
         events = await declare_events(self._pub_channel, self.names)
@@ -194,7 +209,7 @@ class Aggregator:
         reaper = asyncio.create_task(self._reaper_loop(store), name="hbbus-reaper")
         prober = asyncio.create_task(self._probe_loop(heartbeats), name="hbbus-probe")
         self._queue = queue
-        self._consumer_tag = await queue.consume(self._on_message)
+        await self._consume()
         log.info("aggregator %s consuming %s", self.name, queue.name)
         self.ready.set()
         stopped = asyncio.ensure_future(stop.wait())
@@ -204,9 +219,7 @@ class Aggregator:
             )
         finally:
             stopped.cancel()
-            with contextlib.suppress(*AMQP_ERRORS):
-                if self._consumer_tag is not None:
-                    await queue.cancel(self._consumer_tag)
+            await self._cancel()
             self._stopping.set()
             self._wake.set()
             await asyncio.gather(ingest, reaper, prober, return_exceptions=True)
@@ -217,7 +230,32 @@ class Aggregator:
                     raise task.exception()  # type: ignore[misc]
 
     # -- ingest ------------------------------------------------------------------------------
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _consume(self) -> None:
+        """Start consuming the aggregator queue on the robust channel's current aiormq channel."""
+        assert self._consume_channel is not None and self._queue is not None
+        self._consuming = True
+        channel = await self._consume_channel.get_underlay_channel()
+        ok = await channel.basic_consume(self._queue.name, self._on_message)
+        self._consumer_tag = ok.consumer_tag
+
+    async def _cancel(self) -> None:
+        self._consuming = False
+        tag, self._consumer_tag = self._consumer_tag, None
+        if tag is None or self._consume_channel is None:
+            return
+        with contextlib.suppress(*AMQP_ERRORS):
+            channel = await self._consume_channel.get_underlay_channel()
+            await channel.basic_cancel(tag)
+
+    async def _on_reopen(self, *_: object) -> None:
+        """The robust connection reopened the channel: what was in hand went back to the
+        queue with the old channel; consume again on the new one."""
+        self._buffer = []
+        if self._consuming and not self._stopping.is_set():
+            await self._consume()
+            log.warning("aggregator %s consuming again after a reconnect", self.name)
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
         self._buffer.append(message)
         self._wake.set()
 
@@ -232,9 +270,9 @@ class Aggregator:
             if batch:
                 await self._process(store, batch)
 
-    async def _process(self, store: Store, batch: list[AbstractIncomingMessage]) -> None:
+    async def _process(self, store: Store, batch: list[DeliveredMessage]) -> None:
         valid: list[Heartbeat] = []
-        invalid: list[tuple[AbstractIncomingMessage, InvalidMessage]] = []
+        invalid: list[tuple[DeliveredMessage, InvalidMessage]] = []
         probe_ms = 0
         for message in batch:
             try:
@@ -247,18 +285,19 @@ class Aggregator:
         if (valid or probe_ms) and not await self._apply(store, valid, probe_ms, batch[-1]):
             return  # Redis is away: the batch went back to the queue for the other aggregators
         parked = not invalid or await self._park(store, invalid)
+        last = batch[-1]
         try:
             if parked:
-                await batch[-1].ack(multiple=True)
+                await last.channel.basic_ack(last.delivery_tag or 0, multiple=True)
             else:  # redelivered: the valid ones are then stale (seq), the invalid parked again
-                await batch[-1].nack(multiple=True, requeue=True)
+                await nack_all(last)
         except AMQP_ERRORS as exc:  # the channel went away: the broker redelivers; seq dedupes
             log.warning(
                 "ack of %d heartbeats failed (%s); they will be redelivered", len(batch), exc
             )
 
     async def _apply(
-        self, store: Store, valid: list[Heartbeat], probe_ms: int, last: AbstractIncomingMessage
+        self, store: Store, valid: list[Heartbeat], probe_ms: int, last: DeliveredMessage
     ) -> bool:
         """Apply valid heartbeats (in chunks of one Lua call each), then the batch's newest
         probe (with the last chunk: the watermark moves only once all of them are in).
@@ -283,20 +322,16 @@ class Aggregator:
         metrics.BATCH.observe(len(valid))
         return True
 
-    async def _redis_lost(
-        self, store: Store, exc: BaseException, last: AbstractIncomingMessage
-    ) -> None:
+    async def _redis_lost(self, store: Store, exc: BaseException, last: DeliveredMessage) -> None:
         """Stop consuming, give every unacked heartbeat back to the queue (other aggregators
         take them), wait for Redis, then consume again."""
         log.warning("Redis failed (%s): pausing ingest, heartbeats go back to the queue", exc)
         self.redis_ok = False
-        with contextlib.suppress(*AMQP_ERRORS):
-            if self._queue is not None and self._consumer_tag is not None:
-                await self._queue.cancel(self._consumer_tag)
+        await self._cancel()
         held, self._buffer = self._buffer, []
         with contextlib.suppress(*AMQP_ERRORS):
             # multiple=True covers every unacked delivery up to the latest on this channel
-            await (held[-1] if held else last).nack(multiple=True, requeue=True)
+            await nack_all(held[-1] if held else last)
         while not self._stopping.is_set():
             try:
                 await store.redis.ping()
@@ -310,10 +345,10 @@ class Aggregator:
         if self._queue is not None:
             with contextlib.suppress(*REDIS_ERRORS):  # hold the watermark before consuming again
                 await store.ingest([], self.name, 0)
-            self._consumer_tag = await self._queue.consume(self._on_message)
+            await self._consume()
 
     async def _park(
-        self, store: Store, invalid: list[tuple[AbstractIncomingMessage, InvalidMessage]]
+        self, store: Store, invalid: list[tuple[DeliveredMessage, InvalidMessage]]
     ) -> bool:
         """Refuse heartbeats: park each, with its reason, in ``<ns>.invalid``, and count them.
         False if parking failed (the caller then does not ack them)."""

@@ -147,6 +147,11 @@ local function trip(scope, total, failing, names)
 end
 
 -- The scope that holds this death, or nil: a tripped guard, or one this death trips.
+-- Counting a scope reads every member, so each scope is counted at most once per step: a
+-- death judged later in the same step was already counted as failing (it was overdue), so
+-- the count cannot have grown since. This keeps a wave of deaths from costing
+-- deaths x members.
+local untripped = {}
 local function guard(id, svc, zone)
   local scopes = {'service:' .. svc}
   if zone and zone ~= '' then scopes[2] = 'zone:' .. zone end
@@ -154,10 +159,13 @@ local function guard(id, svc, zone)
     if redis.call('HEXISTS', K_GUARD, scope) == 1 then return scope end
   end
   for _, scope in ipairs(scopes) do
-    local total, failing, names = failing_in(scope, id)
-    if failing >= MASS_MIN and failing > MASS_SHARE * total then
-      trip(scope, total, failing, names)
-      return scope
+    if not untripped[scope] then
+      local total, failing, names = failing_in(scope, id)
+      if failing >= MASS_MIN and failing > MASS_SHARE * total then
+        trip(scope, total, failing, names)
+        return scope
+      end
+      untripped[scope] = true
     end
   end
   return nil

@@ -1,7 +1,9 @@
 -- Apply one batch of heartbeats. ARGV[S] aggregator id ('': not an aggregator), ARGV[S + 1]
--- newest probe stamp in the batch (0: none), ARGV[S + 2] = n, then 10 values per heartbeat:
--- service, instance, incarnation, seq, interval_ms, ttl_ms, sent_ms, status, meta (JSON),
--- zone ('' if none).
+-- newest probe stamp in the batch (0: none), ARGV[S + 2] = n, then one value per heartbeat:
+-- service, instance, incarnation, seq, interval_ms, ttl_ms, status, zone ('' if none) and
+-- meta (JSON), joined by tabs (one argument per heartbeat: packing ten per heartbeat cost the
+-- client more than the script costs Redis). Names, numbers and the status never hold a tab,
+-- and meta, which comes last, is compact JSON that escapes control characters anyway.
 -- A seq not above the stored one of the same incarnation is stale and ignored; a heartbeat of
 -- the incarnation before the current one is stale too (reordering between aggregators).
 -- seq 0 means "unordered" (one-shot senders such as `hbbus send` from cron): always applied.
@@ -17,7 +19,7 @@ local stale = 0
 -- The store's epoch: a random id kept in Redis. If it is gone while the aggregator had seen
 -- one, Redis lost its data (a restart without persistence, a flush): for a while, instances
 -- that reappear are a resync, not news, and their `joined` events say so.
-local epoch_key, seen_epoch, fresh_epoch = P .. 'epoch', ARGV[B + n * 10], ARGV[B + 1 + n * 10]
+local epoch_key, seen_epoch, fresh_epoch = P .. 'epoch', ARGV[B + n], ARGV[B + 1 + n]
 local epoch = redis.call('GET', epoch_key)
 if not epoch then
   epoch = fresh_epoch
@@ -25,7 +27,7 @@ if not epoch then
 end
 if seen_epoch ~= '' and seen_epoch ~= epoch and NOW >= RESYNC_UNTIL then
   -- gone, or re-created by another client since we saw it: the data was lost
-  RESYNC_UNTIL = NOW + tonumber(ARGV[B + 2 + n * 10])
+  RESYNC_UNTIL = NOW + tonumber(ARGV[B + 2 + n])
   redis.call('HSET', K_OBSERVER, 'resync_until', RESYNC_UNTIL, 'resynced_at', NOW)
 end
 
@@ -103,15 +105,45 @@ local function adapt(fields, det, cur, continued, dttl, ivl)
   return dead_after, suspect_after
 end
 
+-- The record's fields one heartbeat reads; adapt() reads cur[9..13].
+local READ = {'state', 'inc', 'seq', 'pinc', 'ord', 'muted', 'held', 'zone', 'last', 'gn', 'gm',
+  'gv', 'gaps', 'ivl', 'dttl', 'ttl', 'sus', 'status', 'meta'}
+
+-- Only what changed is written: a steady heartbeat of a known instance writes seq and last
+-- (plus its alive key and deadline), not the whole record.
+local function changes(cur, first, svc, inst, inc, seq, ivl, dttl, st, meta, newstate, zone)
+  local fields = {'seq', seq, 'last', NOW}
+  local function put(name, value, old)
+    if value ~= (old or '') then
+      fields[#fields + 1] = name
+      fields[#fields + 1] = value
+    end
+  end
+  if first then
+    for _, kv in ipairs({{'svc', svc}, {'inst', inst}, {'first', NOW}}) do
+      fields[#fields + 1] = kv[1]
+      fields[#fields + 1] = kv[2]
+    end
+  end
+  put('inc', inc, cur[2])
+  put('ivl', ivl, cur[14])
+  put('dttl', dttl, cur[15])
+  put('status', st, cur[18])
+  put('meta', meta, cur[19])
+  put('state', newstate, cur[1])
+  put('zone', zone, cur[8])
+  if (cur[6] or '0') ~= '0' then put('muted', '0', cur[6]) end
+  put('held', '', cur[7])
+  return fields
+end
+
+local FIELDS = '^' .. string.rep('([^\t]*)\t', 8) .. '(.*)$'
+
 for i = 0, n - 1 do
-  local b = B + i * 10
-  local svc, inst, inc, seq = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
-  local ivl, ttl, sent, st, meta = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8]
-  local zone = ARGV[b + 9]
+  local svc, inst, inc, seq, ivl, ttl, st, zone, meta = string.match(ARGV[B + i], FIELDS)
   local id = svc .. '/' .. inst
   local rkey = P .. 'inst:' .. id
-  local cur = redis.call('HMGET', rkey, 'state', 'inc', 'seq', 'pinc', 'ord', 'muted', 'held',
-    'zone', 'last', 'gn', 'gm', 'gv', 'gaps')
+  local cur = redis.call('HMGET', rkey, unpack(READ))
   local state = cur[1]
   local accept, kind, newinc = verdict(state, cur[2], cur[3], cur[4], inc, seq, st)
   if not accept then
@@ -125,17 +157,20 @@ for i = 0, n - 1 do
     local dttl = ttl
     local sus = ''
     local det = detector(svc)
-    local fields = {'svc', svc, 'inst', inst, 'inc', inc, 'seq', seq, 'ivl', ivl, 'dttl', dttl,
-      'last', NOW, 'sent', sent, 'status', st, 'meta', meta, 'state', newstate, 'muted', '0',
-      'held', '', 'zone', zone}
+    local fields = changes(cur, not state, svc, inst, inc, seq, ivl, dttl, st, meta, newstate,
+      zone)
     if det then
       local continued = (state == 'alive' or state == 'suspect') and not newinc
       ttl, sus = adapt(fields, det, cur, continued, dttl, ivl)
     end
-    fields[#fields + 1] = 'ttl'
-    fields[#fields + 1] = ttl
-    fields[#fields + 1] = 'sus'
-    fields[#fields + 1] = sus
+    if tostring(ttl) ~= (cur[16] or '') then
+      fields[#fields + 1] = 'ttl'
+      fields[#fields + 1] = ttl
+    end
+    if sus ~= (cur[17] or '') then
+      fields[#fields + 1] = 'sus'
+      fields[#fields + 1] = sus
+    end
     -- back from a death (or suspicion) that maintenance or the guard kept quiet: quiet too
     local muted = cur[6] == '1' and (kind == 'recovered' or kind == 'alive')
     if cur[7] and cur[7] ~= '' then  -- a held death is dropped: the instance came back
@@ -150,11 +185,7 @@ for i = 0, n - 1 do
       fields[#fields + 1] = 'pinc'
       fields[#fields + 1] = cur[2]
     end
-    if not state then
-      fields[#fields + 1] = 'first'
-      fields[#fields + 1] = NOW
-      redis.call('SADD', K_INSTANCES, id)
-    end
+    if not state then redis.call('SADD', K_INSTANCES, id) end
     if kind then
       local rec = {svc = svc, inst = inst, inc = inc, seq = seq, last = NOW, ttl = ttl,
         meta = meta, ord = cur[5]}

@@ -1,0 +1,337 @@
+"""Ingest: heartbeats/s that aggregator processes turn into Redis state.
+
+Three measurements in one run, on one broker, in a private namespace:
+
+1. **Backlog.** N heartbeats of M instances (typical meta) are published while nothing
+   consumes; every one goes to the aggregator queue and to two more queues. A do-nothing
+   aio-pika consumer and a do-nothing aiormq consumer (prefetch 2000, ack multiple) drain
+   those; then one ``hbbus aggregator`` process drains the real queue; then the same again
+   for a fresh service with two aggregator processes. Rates are counted from the first
+   heartbeat applied (the aggregator's Prometheus counter) to the last.
+2. **Steady state.** A publisher process sends at a fixed rate for a few seconds while one
+   aggregator process consumes; the rate is sustained when the publisher reached it and the
+   queue did not grow (ready messages at the end < 0.1 s worth). Rates go up a ladder until
+   one is not sustained; the same ladder is run with a do-nothing aiormq consumer process.
+
+    .venv/bin/python bench/ingest.py [--quick] [--heartbeats 50000] [--instances 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Sequence
+
+import aio_pika
+import aiormq
+from common import (
+    TYPICAL_META,
+    Proc,
+    RawPublisher,
+    Row,
+    applied,
+    beat_body,
+    common_args,
+    declare,
+    emit,
+    header,
+    namespace,
+    profiled,
+    queue_depth,
+    run,
+    spawn,
+    spawn_aggregator,
+    wait_ready,
+)
+
+from hbbus.names import Names
+from hbbus.settings import Settings
+
+PREFETCH = 2000
+ACK_EVERY = 500
+
+
+async def publish_backlog(
+    settings: Settings, service: str, n: int, instances: int, queues: Sequence[str]
+) -> None:
+    meta_of = [
+        {**TYPICAL_META, "endpoint": f"10.0.{k // 256}.{k % 256}:8080"} for k in range(instances)
+    ]
+    async with RawPublisher(settings) as pub:
+        for i in range(n):
+            k = i % instances
+            await pub.send(service, f"i{k}", beat_body(service, k, i // instances + 1, meta_of[k]))
+    for queue in queues:
+        while await queue_depth(settings, queue) < n:
+            await asyncio.sleep(0.05)
+
+
+async def drain_aio_pika(settings: Settings, queue_name: str, n: int) -> float:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=PREFETCH)
+        queue = await channel.get_queue(queue_name)
+        done = asyncio.Event()
+        seen = 0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal seen
+            seen += 1
+            if seen % ACK_EVERY == 0 or seen == n:
+                await message.ack(multiple=True)
+            if seen == n:
+                done.set()
+
+        start = time.perf_counter()
+        await queue.consume(on_message)
+        await done.wait()
+        return time.perf_counter() - start
+
+
+async def drain_aiormq(settings: Settings, queue_name: str, n: int) -> float:
+    connection = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.basic_qos(prefetch_count=PREFETCH)
+        done = asyncio.Event()
+        seen = 0
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            nonlocal seen
+            seen += 1
+            if seen % ACK_EVERY == 0 or seen == n:
+                await channel.basic_ack(message.delivery_tag, multiple=True)
+            if seen == n:
+                done.set()
+
+        start = time.perf_counter()
+        await channel.basic_consume(queue_name, on_message)
+        await done.wait()
+        return time.perf_counter() - start
+    finally:
+        await connection.close()
+
+
+async def drain_aggregators(
+    settings: Settings, n: int, procs: int, profile: str | None, *extra: str
+) -> float:
+    """Seconds from the first heartbeat applied to the last, by ``procs`` processes."""
+    base = 0
+    aggs = [spawn_aggregator(settings, *extra) for _ in range(procs)]
+    try:
+        await wait_ready(aggs)
+        with profiled(aggs[0].pid, profile):
+            while (first := await applied(aggs)) == 0:
+                await asyncio.sleep(0.01)
+            start = time.perf_counter()
+            while await applied(aggs) < n:
+                await asyncio.sleep(0.05)  # scraping costs the aggregator: not too often
+            elapsed = time.perf_counter() - start
+        base = first
+    finally:
+        for agg in aggs:
+            agg.stop()
+    return elapsed * n / max(1, n - base)  # the first poll missed `base` heartbeats
+
+
+async def backlog(settings: Settings, n: int, instances: int, profile: str | None) -> list[Row]:
+    names = Names(settings.namespace)
+    pika_q, rmq_q = f"{settings.namespace}.null", f"{settings.namespace}.null2"
+    await declare(settings, pika_q)
+    await declare(settings, rmq_q)
+    await publish_backlog(settings, "b1", n, instances, [names.aggregator_queue, pika_q, rmq_q])
+    pika_s = await drain_aio_pika(settings, pika_q, n)
+    rmq_s = await drain_aiormq(settings, rmq_q, n)
+    one_s = await drain_aggregators(settings, n, 1, profile)
+    await publish_backlog(settings, "b2", n, instances, [names.aggregator_queue])
+    two_s = await drain_aggregators(settings, n, 2, None)
+    print(f"  {'from a backlog of ' + str(n):<34}{'seconds':>9}{'msgs/s':>10}")
+    for what, secs in (
+        ("do-nothing aio-pika consumer", pika_s),
+        ("do-nothing aiormq consumer", rmq_s),
+        ("one aggregator process", one_s),
+        ("two aggregator processes", two_s),
+    ):
+        print(f"  {what:<34}{secs:>9.2f}{n / secs:>10.0f}")
+    one, pika, rmq = n / one_s, n / pika_s, n / rmq_s
+    return [
+        Row(
+            "ingest",
+            "backlog: one aggregator, heartbeats/s",
+            f"{one:,.0f}",
+            "≥ 10,000",
+            one >= 10_000,
+        ),
+        Row("ingest", "backlog: do-nothing aio-pika / aiormq, msgs/s", f"{pika:,.0f} / {rmq:,.0f}"),
+        Row(
+            "ingest",
+            "backlog: ratio to do-nothing aio-pika",
+            f"{one / pika:.2f}",
+            "≥ 0.8",
+            one / pika >= 0.8,
+        ),
+        Row("ingest", "backlog: ratio to do-nothing aiormq", f"{one / rmq:.2f}", "(stricter)"),
+        Row("ingest", "backlog: two aggregator processes, heartbeats/s", f"{n / two_s:,.0f}"),
+    ]
+
+
+# -- steady state --------------------------------------------------------------------------
+async def publisher_main(settings: Settings, rate: int, seconds: float, instances: int) -> None:
+    """The publisher process: ``rate`` heartbeats/s round-robin over ``instances``."""
+    bodies = [
+        beat_body("steady", k, 1, {**TYPICAL_META, "endpoint": f"10.1.{k // 256}.{k % 256}:80"})
+        for k in range(instances)
+    ]
+    seq_marker = b'"seq":1,'
+    sent, start = 0, time.perf_counter()
+    async with RawPublisher(settings) as pub:
+        while (elapsed := time.perf_counter() - start) < seconds:
+            due = int(rate * elapsed)
+            while sent < due:
+                k = sent % instances
+                body = bodies[k].replace(seq_marker, b'"seq":%d,' % (sent // instances + 1), 1)
+                await pub.send("steady", f"i{k}", body)
+                sent += 1
+            await asyncio.sleep(0.002)
+    elapsed = time.perf_counter() - start
+    print(f"{sent} {elapsed:.3f}", flush=True)
+
+
+async def null_consumer_main(settings: Settings) -> None:
+    """A do-nothing aiormq consumer process of the aggregator queue (until SIGTERM)."""
+    connection = await aiormq.connect(settings.amqp_url)
+    channel = await connection.channel()
+    await channel.basic_qos(prefetch_count=PREFETCH)
+    seen = 0
+
+    async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+        nonlocal seen
+        seen += 1
+        if seen % 100 == 0:
+            await channel.basic_ack(message.delivery_tag, multiple=True)
+
+    await channel.basic_consume(Names(settings.namespace).aggregator_queue, on_message)
+    await asyncio.Event().wait()
+
+
+async def one_rate(
+    settings: Settings, rate: int, seconds: float, instances: int
+) -> tuple[bool, float, int]:
+    """(sustained, rate the publisher reached, ready messages at the end)."""
+    pub = spawn_publisher(settings, rate, seconds, instances)
+    out, _ = await asyncio.to_thread(pub.popen.communicate)
+    sent, elapsed = (float(x) for x in out.split())
+    await asyncio.sleep(0.05)
+    depth = await queue_depth(settings, Names(settings.namespace).aggregator_queue)
+    reached = sent / elapsed
+    ok = reached >= 0.97 * rate and depth <= 0.1 * rate + 200
+    print(
+        f"    rate {rate:>6}/s: publisher reached {reached:>7.0f}/s, ready at end {depth:>6}: "
+        f"{'sustained' if ok else 'NOT sustained'}",
+        flush=True,
+    )
+    return ok, reached, depth
+
+
+def spawn_publisher(settings: Settings, rate: int, seconds: float, instances: int) -> Proc:
+    args = ["--role", "publisher", "--rate", str(rate), "--seconds", str(seconds)]
+    return spawn([__file__, *args, "--instances", str(instances)], settings, pipe=True)
+
+
+async def ladder(
+    settings: Settings, consumer: Proc, rates: Sequence[int], seconds: float, instances: int
+) -> int:
+    best = 0
+    try:
+        await asyncio.sleep(1.0)
+        for rate in rates:
+            ok, _, _ = await one_rate(settings, rate, seconds, instances)
+            if not ok:
+                break
+            best = rate
+            await asyncio.sleep(0.5)
+    finally:
+        consumer.stop()
+    await purge(settings)
+    return best
+
+
+async def purge(settings: Settings) -> None:
+    connection = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.queue_purge(Names(settings.namespace).aggregator_queue)
+    finally:
+        await connection.close()
+
+
+async def steady(settings: Settings, quick: bool) -> list[Row]:
+    rates = [1000, 2000, 4000, 6000, 8000, 10000, 12000, 14000, 17000, 20000]
+    seconds, instances = (3.0, 2000) if quick else (6.0, 5000)
+    await declare(settings)
+    print(f"  steady state ({seconds:g} s per rate, {instances} instances), one aggregator:")
+    agg = spawn_aggregator(settings)
+    await wait_ready([agg])
+    agg_best = await ladder(settings, agg, rates, seconds, instances)
+    print("  steady state, do-nothing aiormq consumer process:")
+    null = spawn([__file__, "--role", "null"], settings)
+    null_best = await ladder(settings, null, rates, seconds, instances)
+    ratio = agg_best / null_best if null_best else 0.0
+    return [
+        Row(
+            "ingest",
+            "steady: one aggregator sustains, heartbeats/s",
+            f"{agg_best:,}",
+            "≥ 10,000",
+            agg_best >= 10_000,
+            "highest ladder step",
+        ),
+        Row("ingest", "steady: do-nothing aiormq process sustains, msgs/s", f"{null_best:,}"),
+        Row("ingest", "steady: ratio to do-nothing", f"{ratio:.2f}", "≥ 0.8", ratio >= 0.8),
+    ]
+
+
+async def main(args: argparse.Namespace) -> None:
+    n, instances = (20_000, 2_000) if args.quick else (args.heartbeats, args.instances)
+    async with namespace("ingest", ["null", "null2"]) as settings:
+        names = Names(settings.namespace)
+        extra = [f"{settings.namespace}.null", f"{settings.namespace}.null2"]
+        await header(
+            "ingest",
+            settings,
+            {
+                "heartbeats": n,
+                "instances": instances,
+                "prefetch": PREFETCH,
+                "ack_every": ACK_EVERY,
+                "meta": "endpoint, role, zone, version",
+                "aggregator": "python -m hbbus.cli aggregator",
+            },
+        )
+        try:
+            rows = await backlog(settings, n, instances, args.profile)
+            rows += await steady(settings, args.quick)
+        finally:
+            from tests.helpers import drop_namespace
+
+            await drop_namespace(settings, [*extra, names.aggregator_queue])
+        emit(rows, args.json)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_args(parser)
+    parser.add_argument("--heartbeats", type=int, default=50_000)
+    parser.add_argument("--instances", type=int, default=5_000)
+    parser.add_argument("--role", choices=["bench", "publisher", "null"], default="bench")
+    parser.add_argument("--rate", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=0)
+    cli = parser.parse_args()
+    if cli.role == "publisher":
+        run(publisher_main(Settings.from_env(), cli.rate, cli.seconds, cli.instances))
+    elif cli.role == "null":
+        run(null_consumer_main(Settings.from_env()))
+    else:
+        run(main(cli))
