@@ -146,6 +146,12 @@ class Names:
         """Hash: service -> "<k> <floor ms> <ceiling ms>" (adaptive deadlines)."""
         return f"{self.key_prefix}detectors"
 
+    @property
+    def notalive_key(self) -> str:
+        """Sorted set: instances not alive (suspect, dead by since, left at 0): the guard's
+        cheap bounds."""
+        return f"{self.key_prefix}notalive"
+
     def held_key(self, scope: str) -> str:
         """Sorted set of the deaths a tripped scope holds (``service:api``, ``zone:eu-1``)."""
         return f"{self.key_prefix}held:{scope}"

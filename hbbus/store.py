@@ -384,6 +384,7 @@ class Store:
             pipe.zrem(n.deadlines_key, iid)
             pipe.zrem(n.flapcheck_key, iid)
             pipe.srem(n.instances_key, iid)
+            pipe.zrem(n.notalive_key, iid)
             pipe.srem(n.service_members_key(service), iid)
             if zone:
                 pipe.srem(f"{n.key_prefix}zone:{zone}", iid)

@@ -61,7 +61,7 @@ class AggregatorConfig:
     reaper_limit: int = 1000
     reaper_max_sleep_ms: int = 50
     #: how often each aggregator sends a watermark probe through the heartbeat queue
-    probe_interval_ms: int = 50
+    probe_interval_ms: int = 20
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def clamp(self, beat: Heartbeat) -> tuple[int, int]:
@@ -152,6 +152,7 @@ class Aggregator:
         self.counts: Counter[str] = Counter()
         self._buffer: list[DeliveredMessage] = []
         self._wake = asyncio.Event()
+        self._watermark_moved = asyncio.Event()  # a probe was applied: due verdicts may go
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.store: Store | None = None
@@ -310,6 +311,8 @@ class Aggregator:
             for n, chunk in enumerate(chunks):
                 probe = probe_ms if n == len(chunks) - 1 else 0
                 stale, events = await store.ingest(chunk, self.name, probe)
+                if probe:
+                    self._watermark_moved.set()
                 self.counts["stale"] += stale
                 metrics.STALE.inc(stale)
                 if events:
@@ -419,11 +422,18 @@ class Aggregator:
                 continue
             if len(result.events) >= self.config.reaper_limit:
                 continue
-            sleep_s = max_sleep_s
-            if result.next_due_ms is not None:
-                wait_ms: float = result.next_due_ms - result.now_ms
-                # a deadline already past waits for the watermark, which moves with each probe:
-                # look again within the probe interval, not in a busy loop
-                wait_ms = wait_ms if wait_ms > 0 else self.config.probe_interval_ms / 2
-                sleep_s = min(max_sleep_s, max(0.005, wait_ms / 1000))
-            await sleep_or_stop(stop, sleep_s)
+            await self._reaper_sleep(result.next_due_ms, result.now_ms, max_sleep_s)
+
+    async def _reaper_sleep(self, next_due_ms: int | None, now_ms: int, max_sleep_s: float) -> None:
+        """Sleep until the next deadline (at most ``max_sleep_s``). A deadline already past
+        waits for the watermark, which moves with each probe this aggregator applies: wake as
+        soon as one is (another aggregator's probes move it too: look again within the
+        probe interval)."""
+        if next_due_ms is None or next_due_ms > now_ms:
+            wait_s = max_sleep_s if next_due_ms is None else (next_due_ms - now_ms) / 1000
+            await sleep_or_stop(self._stopping, min(max_sleep_s, max(0.002, wait_s)))
+            return
+        self._watermark_moved.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.probe_interval_ms / 1000):
+                await self._watermark_moved.wait()

@@ -105,6 +105,7 @@ local function purge(id)
   redis.call('DEL', P .. 'inst:' .. id, P .. 'hist:' .. id, P .. 'alive:' .. id)
   redis.call('ZREM', K_DEADLINES, id)
   redis.call('SREM', K_INSTANCES, id)
+  redis.call('ZREM', K_NOTALIVE, id)
 end
 
 -- The mass-expiry guard ----------------------------------------------------------------------
@@ -152,6 +153,21 @@ end
 -- the count cannot have grown since. This keeps a wave of deaths from costing
 -- deaths x members.
 local untripped = {}
+
+-- Whether a scope cannot trip, known without reading its members: its failing count is at
+-- most every suspect and recent death anywhere plus everything due now, and its total at
+-- least its members less every old death and departure anywhere. Only a scope for which
+-- these bounds leave the question open is counted member by member (a small service, or a
+-- real wave), so a death in a 100k-instance service costs a few ZCOUNTs, not 100k reads.
+local function cannot_trip(scope)
+  local failing = redis.call('ZCOUNT', K_NOTALIVE, '(' .. (NOW - MASS_WINDOW), '+inf')
+    + redis.call('ZCOUNT', K_DEADLINES, '-inf', NOW) + 1
+  if failing < MASS_MIN then return true end
+  local total = redis.call('SCARD', members_key(scope))
+    - redis.call('ZCOUNT', K_NOTALIVE, '-inf', NOW - MASS_WINDOW)
+  return failing <= MASS_SHARE * total
+end
+
 local function guard(id, svc, zone)
   local scopes = {'service:' .. svc}
   if zone and zone ~= '' then scopes[2] = 'zone:' .. zone end
@@ -159,6 +175,9 @@ local function guard(id, svc, zone)
     if redis.call('HEXISTS', K_GUARD, scope) == 1 then return scope end
   end
   for _, scope in ipairs(scopes) do
+    if not untripped[scope] and cannot_trip(scope) then
+      untripped[scope] = true
+    end
     if not untripped[scope] then
       local total, failing, names = failing_in(scope, id)
       if failing >= MASS_MIN and failing > MASS_SHARE * total then
@@ -244,6 +263,7 @@ local function judge(id, rkey, r, horizon)
     emit(id, 'dead', state, rec, muted or held ~= nil, held)
     redis.call('HSET', rkey, 'state', 'dead', 'since', NOW, 'ord', rec.ord,
       'muted', (muted or held) and '1' or '0', 'held', held or '')
+    redis.call('ZADD', K_NOTALIVE, NOW, id)
     redis.call('DEL', P .. 'alive:' .. id)
     if held then redis.call('ZADD', P .. 'held:' .. held, NOW, id) end
     -- muted: look again when the window ends, and announce the death then if it still holds
@@ -252,6 +272,7 @@ local function judge(id, rkey, r, horizon)
     emit(id, 'suspect', state, rec, muted)
     redis.call('HSET', rkey, 'state', 'suspect', 'since', NOW, 'ord', rec.ord,
       'muted', muted and '1' or '0')
+    redis.call('ZADD', K_NOTALIVE, NOTALIVE_SUSPECT, id)
     redis.call('ZADD', K_DEADLINES, last + ttl, id)
   end
 end
@@ -266,6 +287,7 @@ local function unmute(id, rkey, r)
   local rec = record_of(r)
   emit(id, 'dead', 'maintenance', rec, false)
   redis.call('HSET', rkey, 'since', NOW, 'ord', rec.ord, 'muted', '0')
+  redis.call('ZADD', K_NOTALIVE, NOW, id)
   redis.call('ZADD', K_DEADLINES, NOW + RETENTION, id)
 end
 

@@ -31,6 +31,10 @@ local K_DEADLINES, K_INSTANCES = KEYS[1], KEYS[2]
 local K_OUTBOX, K_BODY, K_LEASE, K_PENDING = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local K_LOG, K_OBSERVERS, K_OBSERVER, K_MAINT = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local K_GUARD, K_FLAPCHECK, K_DETECTORS = KEYS[11], KEYS[12], KEYS[13]
+-- Sorted set of the instances that are not alive, so the mass-expiry guard can bound a scope's
+-- count without reading its members: suspect -> NOTALIVE_SUSPECT, dead -> since, left -> 0.
+local K_NOTALIVE = P .. 'notalive'
+local NOTALIVE_SUSPECT = 4503599627370496  -- 2^52: after any time
 local NO_CLAIM = false  -- true: events wait in the outbox for a reaper (callers that do not publish)
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

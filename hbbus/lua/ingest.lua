@@ -196,6 +196,13 @@ for i = 0, n - 1 do
       fields[#fields + 1] = rec.ord
     end
     redis.call('HSET', rkey, unpack(fields))
+    if newstate ~= state then
+      if newstate == 'left' then
+        redis.call('ZADD', K_NOTALIVE, 0, id)
+      elseif state then
+        redis.call('ZREM', K_NOTALIVE, id)
+      end
+    end
     if newstate == 'alive' then
       redis.call('SET', P .. 'alive:' .. id, '1', 'PX', ttl)
       redis.call('ZADD', K_DEADLINES, next_due('alive', NOW, ivl, ttl, sus), id)
