@@ -204,3 +204,23 @@ async def running(*consumers: Any) -> AsyncIterator[None]:
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 20)
+
+
+class Background:
+    """A test's own loop (traffic, a writer) in a task: subclasses write ``_loop``, which runs
+    until ``self._stop`` is set; ``start()``, then ``await stop()``."""
+
+    def __init__(self) -> None:
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _loop(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task

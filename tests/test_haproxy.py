@@ -16,7 +16,7 @@ import pytest
 from hbbus.failover import FailoverConsumer, RetryPolicy
 from hbbus.settings import Settings
 from hbbus.workers.haproxy import HAProxyAction, runtime_command, server_states
-from tests.helpers import run_cli, running, wait_until
+from tests.helpers import Background, run_cli, running, wait_until
 from tests.servers import PrivateHAProxy, env_for, free_port
 
 INTERVAL_S = 0.3
@@ -52,14 +52,13 @@ class Backends:
             proc.wait(10)
 
 
-class Traffic:
+class Traffic(Background):
     """Requests through HAProxy in a loop, each on a new connection: (start, ok, body)."""
 
     def __init__(self, port: int) -> None:
+        super().__init__()
         self.url = f"http://127.0.0.1:{port}/"
         self.results: list[tuple[float, bool, str]] = []
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     async def _loop(self) -> None:
         limits = httpx.Limits(max_keepalive_connections=0)
@@ -72,14 +71,6 @@ class Traffic:
                 except httpx.HTTPError as exc:
                     self.results.append((started, False, repr(exc)))
                 await asyncio.sleep(0.005)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
-
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
 
     def since(self, t: float) -> list[tuple[float, bool, str]]:
         return [r for r in self.results if r[0] >= t]

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from hbbus.routing import NoRoute, Router
 from hbbus.settings import Settings
-from tests.helpers import EventSink, run_cli, wait_until
+from tests.helpers import Background, EventSink, run_cli, wait_until
 from tests.servers import FAST_SYNC, PrivateRedis, RedisGroup
 
 INTERVAL_S = 0.2
@@ -58,18 +58,17 @@ async def follows(addr: str, primary_port: int) -> bool:
     return False
 
 
-class Writer:
+class Writer(Background):
     """Writes k0, k1, … to whichever server the Router says is the primary; remembers which
     server acknowledged each key."""
 
     def __init__(self, router: Router) -> None:
+        super().__init__()
         self.router = router
         # (key, instance that acknowledged it, when: monotonic seconds)
         self.acked: list[tuple[str, str, float]] = []
         self.errors = 0
         self._clients: dict[str, Redis] = {}
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def client(self, endpoint: str) -> Redis:
         if endpoint not in self._clients:
@@ -97,13 +96,8 @@ class Writer:
             n += 1
             await asyncio.sleep(0.005)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
-
     async def stop(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
+        await super().stop()
         for client in self._clients.values():
             await client.aclose()
 
