@@ -6,7 +6,11 @@ their ``joined`` events be published (finalised, as an aggregator would), then a
 of heartbeats (steady state), and reports ``INFO memory`` used_memory after minus before,
 divided by N, with MEMORY USAGE of one instance's keys. The server is stopped afterwards.
 
-    .venv/bin/python bench/memory.py [--quick] [--instances 100000]
+    .venv/bin/python bench/memory.py [--quick] [--instances 100000] [--listpack-value 256]
+
+``--listpack-value N`` starts the server with ``hash-max-listpack-value N``: a record whose
+meta JSON is longer than Redis' default 64 bytes is then still stored in the compact listpack
+encoding.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ BATCH = 1000
 
 
 @contextlib.asynccontextmanager
-async def private_redis() -> AsyncIterator[str]:
+async def private_redis(*extra: str) -> AsyncIterator[str]:
     port = free_port()
-    args = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+    args = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", *extra]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield f"redis://127.0.0.1:{port}/0"
@@ -60,7 +64,8 @@ async def fill(store: Store, n: int, seq: int) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     n = 10_000 if args.quick else args.instances
-    async with private_redis() as url:
+    extra = ("--hash-max-listpack-value", str(args.listpack_value)) if args.listpack_value else ()
+    async with private_redis(*extra) as url:
         settings = Settings(redis_url=url, namespace="bench-memory")
         store = Store.from_settings(settings)
         for _ in range(50):
@@ -72,7 +77,10 @@ async def main(args: argparse.Namespace) -> None:
         print("== Redis memory per tracked instance")
         print(f"machine: {machine()}")
         print(f"versions: private redis-server {info['redis_version']} on {url}")
-        print(f"parameters: instances={n}, meta={TYPICAL_META}, batches of {BATCH}")
+        print(
+            f"parameters: instances={n}, meta={TYPICAL_META}, batches of {BATCH}, "
+            f"server options: {' '.join(extra) or 'defaults'}"
+        )
         await store.ingest([], "bench", 0)  # the namespace's fixed keys
         before = await used(store)
         await fill(store, n, 1)
@@ -94,7 +102,8 @@ async def main(args: argparse.Namespace) -> None:
         [
             Row(
                 "memory",
-                f"Redis bytes per tracked instance ({n:,})",
+                f"Redis bytes per tracked instance ({n:,})"
+                + (f", hash-max-listpack-value {args.listpack_value}" if extra else ""),
                 f"{per:,.0f}",
                 "≤ 300",
                 per <= 300,
@@ -108,4 +117,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_args(parser)
     parser.add_argument("--instances", type=int, default=100_000)
+    parser.add_argument("--listpack-value", type=int, default=0, help="hash-max-listpack-value")
     run(main(parser.parse_args()))
