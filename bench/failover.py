@@ -17,7 +17,6 @@ replica again. Prints the machine, versions and parameters with the result.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import tempfile
 import time
@@ -26,16 +25,8 @@ from pathlib import Path
 from common import Row, common_args, emit, fresh_settings, header, run
 
 from hbbus.routing import NoRoute, Router
-from tests.helpers import EventSink, drop_namespace
+from tests.helpers import EventSink, drop_namespace, wait_until
 from tests.servers import FAST_SYNC, PrivateRedis, RedisGroup
-
-
-async def wait(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout_s}s")
-        await asyncio.sleep(0.005)
 
 
 def primary_of(router: Router) -> str:
@@ -50,9 +41,9 @@ async def one_round(group: RedisGroup, router: Router, sink: EventSink) -> dict[
     seen = len(sink.events)
     killed = time.time()
     group.servers[old].proc.kill()  # type: ignore[union-attr]
-    await wait(lambda: primary_of(router) not in ("", old), 30, "a new routable primary")
+    await wait_until(lambda: primary_of(router) not in ("", old), 30, "a new primary", 0.005)
     routable = time.time()
-    await wait(lambda: any(e["kind"] == "promoted" for e in sink.events[seen:]), 10, "promoted")
+    await wait_until(lambda: any(e["kind"] == "promoted" for e in sink.events[seen:]), 10)
     events = sink.events[seen:]
     arrivals = sink.arrivals[seen:]
     dead_i = next(i for i, e in enumerate(events) if e["kind"] == "dead")

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Iterable
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -15,7 +16,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from aiormq.abc import FieldTable
 
-from hbbus.errors import Unavailable
+from hbbus.errors import DeliveryFailed, Unavailable
 from hbbus.names import Names
 from hbbus.settings import Settings, redact
 
@@ -51,6 +52,35 @@ async def connect(
         raise Unavailable(
             f"RabbitMQ at {redact(settings.amqp_url)} unreachable: {exc or type(exc).__name__}"
         ) from None
+
+
+async def publish_confirmed(
+    exchange: AbstractExchange,
+    body: bytes,
+    routing_key: str,
+    *,
+    message_id: str | None = None,
+    kind: str | None = None,
+    headers: FieldTable | None = None,
+    content_type: str | None = "application/json",
+) -> None:
+    """Publish a persistent message that must not be lost: ``mandatory``, on a channel with
+    publisher confirms. DeliveryFailed unless the broker confirmed it (a return: no queue)."""
+    result = await exchange.publish(
+        aio_pika.Message(
+            body,
+            headers=headers,
+            message_id=message_id,
+            type=kind,
+            content_type=content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        ),
+        routing_key,
+        mandatory=True,
+        timeout=10,
+    )
+    if not isinstance(result, aiormq.spec.Basic.Ack):
+        raise DeliveryFailed(f"the broker did not take the message for {routing_key!r}")
 
 
 async def declare_heartbeats(channel: AbstractChannel, names: Names) -> AbstractExchange:

@@ -97,7 +97,7 @@ class Heartbeater:
         self.connects = 0
         self._meta: MetaSource = _check_meta(meta) if isinstance(meta, dict) else meta
         self._last_meta: Meta = dict(meta) if isinstance(meta, dict) else {}
-        self._last_meta_json = orjson.dumps(self._last_meta)  # encoded once while unchanged
+        self._last_meta_json = _encode_meta(self._last_meta)
         self._meta_failing = False
         self.set_status(status)
         self._stop = asyncio.Event()
@@ -230,7 +230,7 @@ class Heartbeater:
             if inspect.isawaitable(value):
                 async with asyncio.timeout(self.interval_s / 2):
                     value = await value
-            if value is not None and value != self._last_meta:  # unchanged: nothing to encode
+            if value is not None:  # encoded once per beat: the check and the message share it
                 copy = dict(value) if isinstance(value, dict) else value
                 self._last_meta_json = _encode_meta(copy)
                 self._last_meta = copy

@@ -34,25 +34,29 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from hbbus import metrics
-from hbbus.amqp import AMQP_ERRORS, connect, declare_events, declare_failover
+from hbbus.amqp import (
+    AMQP_ERRORS,
+    connect,
+    declare_events,
+    declare_failover,
+    publish_confirmed,
+)
 from hbbus.errors import ConfigError, DeliveryFailed, InvalidMessage, NotFound, PermanentFailure
 from hbbus.names import Names
 from hbbus.runtime import stop_reason
 from hbbus.settings import Settings, check_name
-from hbbus.store import connect_redis
+from hbbus.store import StoreConfig, connect_redis
 from hbbus.wire import ACTION_KINDS, EVENT_KINDS, Event, decode_event, new_event
 
 log = logging.getLogger("hbbus.failover")
 
 Handler = Callable[[Event], Awaitable[object]]
 ATTEMPT_HEADER = "x-hbbus-attempt"
-LOG_MAXLEN = 10_000  # the namespace log (StoreConfig.log_maxlen)
 
 # KEYS: done key, order hash, inflight key. ARGV: instance id, ord, lease_ms, token.
 # ord 0: an event that is not ordered against the instance's transitions (action events).
@@ -113,6 +117,8 @@ class Action:
 
     type: ClassVar[str] = "handler"
     kinds: ClassVar[frozenset[str]] = frozenset({"*"})
+    #: how long one call may take on its own (its consumer's handler timeout allows more)
+    timeout_s: float = 0.0
 
     async def start(self, consumer: FailoverConsumer) -> None:
         """Called once the consumer is connected, before the first event."""
@@ -166,8 +172,7 @@ class FailoverConsumer:
         self.report = report
         self.names = Names(settings.namespace)
         self.handlers: dict[str, Handler] = {}
-        self.on_start: list[Callable[[FailoverConsumer], Awaitable[None]]] = []
-        self.on_stop: list[Callable[[], Awaitable[None]]] = []
+        self.actions: list[Action] = []
         self.counts: Counter[str] = Counter()
         self.ready = asyncio.Event()
         self.token = f"{os.getpid()}-{secrets.token_hex(6)}"
@@ -195,8 +200,7 @@ class FailoverConsumer:
             self.action = action.type
         for kind in sorted(action.kinds):
             self.on(kind)(action.handle)
-        self.on_start.append(action.start)
-        self.on_stop.append(action.close)
+        self.actions.append(action)
 
     @property
     def redis(self) -> Redis:
@@ -226,8 +230,8 @@ class FailoverConsumer:
                 queue = await declare_failover(
                     channel, self.names, self.group, self.bindings, self.retry.delays_ms
                 )
-                for hook in self.on_start:
-                    await hook(self)
+                for action in self.actions:
+                    await action.start(self)
                 tag = await queue.consume(self._on_message)
                 log.info(
                     "failover group %s (%s) consuming %s (%s)",
@@ -242,9 +246,9 @@ class FailoverConsumer:
                     await queue.cancel(tag)
                 await self._drain_in_flight()
         finally:
-            for closer in self.on_stop:
+            for action in self.actions:
                 with contextlib.suppress(Exception):
-                    await closer()
+                    await action.close()
             await redis.aclose()
         log.info(
             "failover group %s stopped on %s ◆ %d handled ◆ %d retried ◆ %d dead-lettered "
@@ -263,22 +267,11 @@ class FailoverConsumer:
         put it in the namespace's log so ``hbbus events`` shows it; DeliveryFailed if the
         broker did not take it."""
         assert self._events is not None and self._redis is not None
-        result = await self._events.publish(
-            aio_pika.Message(
-                event.raw,
-                message_id=event.id,
-                type=event.kind,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            event.routing_key,
-            mandatory=True,
-            timeout=10,
+        await publish_confirmed(
+            self._events, event.raw, event.routing_key, message_id=event.id, kind=event.kind
         )
-        if not isinstance(result, aiormq.spec.Basic.Ack):
-            raise DeliveryFailed(f"the broker did not take the {event.kind} event")
         await self._redis.xadd(
-            self.names.log_key, {"e": event.raw}, maxlen=LOG_MAXLEN, approximate=True
+            self.names.log_key, {"e": event.raw}, maxlen=StoreConfig.log_maxlen, approximate=True
         )
 
     async def _drain_in_flight(self) -> None:
@@ -451,28 +444,14 @@ class FailoverConsumer:
         retry = attempt + 1
         final = permanent or retry > self.retry.max_retries
         await self._report(event, "action.failed", attempt, {"error": error, "final": final})
+        what = f"failover {self.group} ({self.action}): {event.kind} {event.instance_id}"
         if final:
-            log.error(
-                "failover %s (%s): %s %s failed for good after %d tries: %s",
-                self.group,
-                self.action,
-                event.kind,
-                event.instance_id,
-                attempt + 1,
-                error,
-            )
+            log.error("%s failed for good after %d tries: %s", what, attempt + 1, error)
             await self._dead_letter(message, error, attempt + 1)
             return "dead-lettered"
         delay_ms = self.retry.delay_ms(retry)
         log.warning(
-            "failover %s (%s): %s %s failed (try %d: %s); retrying in %.1fs",
-            self.group,
-            self.action,
-            event.kind,
-            event.instance_id,
-            attempt + 1,
-            error,
-            delay_ms / 1000,
+            "%s failed (try %d: %s); retrying in %.1fs", what, attempt + 1, error, delay_ms / 1000
         )
         await self._republish(
             message, self.names.failover_retry_queue(self.group, delay_ms), retry, error
@@ -487,21 +466,15 @@ class FailoverConsumer:
         if error is not None:
             headers["x-hbbus-error"] = error[:1000]
         assert self._channel is not None
-        result = await self._channel.default_exchange.publish(
-            aio_pika.Message(
-                message.body,
-                headers=headers,
-                message_id=message.message_id,
-                type=message.type,
-                content_type=message.content_type,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
+        await publish_confirmed(
+            self._channel.default_exchange,
+            message.body,
             queue,
-            mandatory=True,
-            timeout=10,
+            message_id=message.message_id,
+            kind=message.type,
+            headers=headers,
+            content_type=message.content_type,
         )
-        if not isinstance(result, aiormq.spec.Basic.Ack):  # returned: no such queue
-            raise DeliveryFailed(f"could not route the event to {queue}")
 
     async def _dead_letter(
         self, message: AbstractIncomingMessage, error: str, attempt: int

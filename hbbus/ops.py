@@ -89,16 +89,12 @@ async def status(
 
 async def routes(settings: Settings, service: str | None = None) -> list[dict[str, Any]]:
     """The routing tables (``hbbus routes``); NotFound when a named service has none."""
-    from hbbus.routing import read_table
+    from hbbus.routing import RoutingTable
 
-    names = Names(settings.namespace)
     async with open_store(settings) as store:
-        if service is None:
-            members = await store.redis.smembers(names.routed_services_key)  # type: ignore[misc]
-            services = sorted(str(m) for m in members)
-        else:
-            services = [service]
-        tables = [(await read_table(store.redis, names, s)).to_dict() for s in services]
+        table = RoutingTable(store.redis, store.names)
+        services = [service] if service is not None else await table.services()
+        tables = [(await table.read(s)).to_dict() for s in services]
     if service is not None and not tables[0]["endpoints"]:
         raise NotFound(f"no routing table for {service!r} in namespace {settings.namespace!r}")
     return tables

@@ -3,7 +3,6 @@ process running several actions from one file."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -140,7 +139,7 @@ command = "cat >> {out}; echo >> {out}"
         )
         await wait_until(lambda: _groups_exist(settings), 15, "the two groups' queues")
         await hb.start()
-        await asyncio.sleep(0.5)
+        await wait_until(lambda: hb.sent >= 3, 5, "heartbeats")
         await hb.abort()
         await wait_until(lambda: out.exists() and '"kind":"dead"' in out.read_text(), 10, "exec")
         await actions.wait_for("action.succeeded", count=3, timeout_s=10)  # join, death, log

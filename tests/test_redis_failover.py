@@ -228,7 +228,7 @@ async def test_a_worker_killed_half_way_is_finished_by_the_other(settings, aggre
         other = ({"r2", "r3"} - {chosen[0]}).pop()
         new_port = group.servers[chosen[0]].port
         await wait_until(lambda: follows(group.servers[other].addr, new_port), 10, "follower")
-        await asyncio.sleep(1)
+        await asyncio.sleep(1)  # a window for a second promotion to show (there must be none)
         assert len(sink.of("promoted")) == 1
     finally:
         await sink.close()

@@ -3,7 +3,6 @@ heartbeaters -> aggregator -> events -> routes action -> table -> `routes` event
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from hbbus import ops
 from hbbus.client import Heartbeater
 from hbbus.failover import FailoverConsumer, RetryPolicy
 from hbbus.names import Names
@@ -101,8 +101,14 @@ async def test_an_expired_lock_is_resumed_with_its_candidate(table):
     await table.upsert(event("joined", "a", 1, endpoint="h:1", role="primary"))
     assert (await table.begin_promotion("db", "a", "w1", 300))[0] == "begin"
     await table.promotion_step("db", 1, "w1", 300, "candidate", "b")
-    await asyncio.sleep(0.4)  # the holder "died": its lease runs out
-    assert await table.begin_promotion("db", "a", "w2", 5000) == ("resume", 1, "a", "b")
+    assert (await table.begin_promotion("db", "a", "w2", 5000))[0] == "busy"  # still held
+
+    async def taken_over() -> tuple[str, int, str, str] | None:
+        # the holder "died": once its lease runs out (Redis time) another worker resumes
+        verdict = await table.begin_promotion("db", "a", "w2", 5000)
+        return verdict if verdict[0] == "resume" else None
+
+    assert await wait_until(taken_over, 5, "the lease to run out") == ("resume", 1, "a", "b")
     assert not await table.promotion_step("db", 1, "w1", 5000)  # the old holder lost it
 
 
@@ -229,9 +235,9 @@ async def test_routes_action_reconciles_instances_that_joined_before_it(settings
     await aggregators(1)
     async with Heartbeater(
         "api", "api-1", interval_s=0.2, misses=3, meta={"endpoint": "h:1"}, settings=settings
-    ) as hb:
-        await wait_until(lambda: hb.sent >= 3, 5, "heartbeats")
-        await asyncio.sleep(0.3)  # the join is in Redis; no routes consumer exists yet
+    ):
+        # the join is in Redis before any routes consumer exists
+        await wait_until(lambda: ops.status(settings, "api", "alive"), 5, "api-1 tracked")
         async with (
             running(routes_consumer(settings, "late")),
             Router("api", settings=settings) as router,

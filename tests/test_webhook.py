@@ -98,7 +98,7 @@ async def test_each_event_once_per_group_signed_and_the_third_try_lands(
         # events wait in the groups' durable queues: the receiver is armed before they run
         await declared(g1, g2)
         await hb.start()
-        await asyncio.sleep(0.5)
+        await wait_until(lambda: hb.sent >= 3, 5, "heartbeats")
         await hb.abort()
         joined, dead = await _published(settings, ["joined", "dead"])
         receiver.fail[("/g1", dead["id"])] = 2  # group 1's receiver answers 500 twice

@@ -30,14 +30,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractExchange
 from aiormq.abc import DeliveredMessage, FieldValue
 from redis.exceptions import RedisError
 
 from hbbus import metrics
-from hbbus.amqp import AMQP_ERRORS, connect, declare_events, declare_heartbeats, declare_ingest
-from hbbus.errors import InvalidMessage
+from hbbus.amqp import (
+    AMQP_ERRORS,
+    connect,
+    declare_events,
+    declare_heartbeats,
+    declare_ingest,
+    publish_confirmed,
+)
+from hbbus.errors import DeliveryFailed, InvalidMessage
 from hbbus.names import Names
 from hbbus.runtime import sleep_or_stop, stop_reason
 from hbbus.settings import Settings
@@ -103,22 +109,23 @@ class EventPublisher:
         self.store = store
 
     async def _one(self, event: OutEvent) -> bool:
-        message = aio_pika.Message(
+        await publish_confirmed(
+            self.exchange,
             event.body.encode(),
+            event.routing_key,
             message_id=event.id,
-            type=event_kind(event.routing_key),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            kind=event_kind(event.routing_key),
         )
-        result = await self.exchange.publish(message, event.routing_key, mandatory=True, timeout=10)
-        return isinstance(result, aiormq.spec.Basic.Ack)
+        return True
 
     async def publish(self, events: Sequence[OutEvent]) -> int:
         """Publish, then finalise what the broker confirmed. Unconfirmed events stay in the
         outbox and are published again when their lease runs out."""
         results = await asyncio.gather(*(self._one(e) for e in events), return_exceptions=True)
         for result in results:  # a bug, not the broker: do not hide it
-            if isinstance(result, BaseException) and not isinstance(result, AMQP_ERRORS):
+            if isinstance(result, BaseException) and not isinstance(
+                result, (*AMQP_ERRORS, DeliveryFailed)
+            ):
                 raise result
         done = [e for e, ok in zip(events, results, strict=True) if ok is True]
         failed = [e for e, ok in zip(events, results, strict=True) if ok is not True]

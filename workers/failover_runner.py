@@ -27,13 +27,14 @@ import signal
 import tomllib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from hbbus.errors import ActionFailed, ConfigError
 from hbbus.failover import Action, FailoverConsumer, RetryPolicy
 from hbbus.settings import Settings, check_name
 from hbbus.wire import Event
+from hbbus.workers.routes import LIFECYCLE_KINDS
 
 COMMON_KEYS = frozenset(
     {"name", "type", "bind", "max_retries", "backoff_s", "max_backoff_s", "handler_timeout_s"}
@@ -46,7 +47,6 @@ ACTION_KEYS: dict[str, frozenset[str]] = {
     "exec": frozenset({"command", "timeout_s"}),
 }
 DEFAULT_KEYS = frozenset({"max_retries", "backoff_s", "max_backoff_s", "handler_timeout_s"})
-LIFECYCLE_KINDS = ("dead", "joined", "left", "recovered", "restarted")
 
 
 async def _kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -106,7 +106,7 @@ class ActionSpec:
     options: dict[str, Any]
     retry: RetryPolicy
     handler_timeout_s: float
-    source: str = field(default="")
+    action: Action
 
 
 def _want(spec: dict[str, Any], key: str, kinds: type | tuple[type, ...], where: str) -> Any:
@@ -149,16 +149,14 @@ def check_spec(raw: dict[str, Any], defaults: dict[str, Any], source: str) -> Ac
     name = raw.get("name")
     where = f"{source}: action {name!r}" if name else f"{source}: an action without a name"
     try:
-        return _check_spec(raw, defaults, source, where)
+        return _check_spec(raw, defaults, where)
     except ConfigError as exc:
         if str(exc).startswith(source):
             raise
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _check_spec(
-    raw: dict[str, Any], defaults: dict[str, Any], source: str, where: str
-) -> ActionSpec:
+def _check_spec(raw: dict[str, Any], defaults: dict[str, Any], where: str) -> ActionSpec:
     name = raw.get("name")
     if not isinstance(name, str):
         raise ConfigError(f'{where}: every action needs name = "..." (its consumer group)')
@@ -181,9 +179,9 @@ def _check_spec(
     )
     timeout = float(_want(merged, "handler_timeout_s", number, where) or 60.0)
     options = {k: v for k, v in raw.items() if k in ACTION_KEYS[kind]}
-    spec = ActionSpec(name, kind, bindings, options, retry, timeout, source)
-    build_action(spec)  # every option checked now, not when the first event arrives
-    return spec
+    # built now: every option is checked before the first event arrives
+    action = build_action(kind, options, where)
+    return ActionSpec(name, kind, bindings, options, retry, timeout, action)
 
 
 def load_config(path: str) -> list[ActionSpec]:
@@ -212,20 +210,17 @@ def load_config(path: str) -> list[ActionSpec]:
     return specs
 
 
-def build_action(spec: ActionSpec) -> Action:
-    """The Action object of a checked spec."""
+def build_action(kind: str, o: dict[str, Any], where: str) -> Action:
+    """The Action of type ``kind`` with options ``o`` (ConfigError names ``where``)."""
     from hbbus.workers.haproxy import HAProxyAction
     from hbbus.workers.redis_failover import RedisPromoteAction
     from hbbus.workers.routes import RoutesAction
     from hbbus.workers.webhook import WebhookAction, read_secret
 
-    o = spec.options
-    where = f"{spec.source}: action {spec.name!r}" if spec.source else f"action {spec.name!r}"
-    number = (int, float)
-    timeout = float(_want(o, "timeout_s", number, where) or 0) or None
-    if spec.type == "routes":
+    timeout = _want(o, "timeout_s", (int, float), where)
+    if kind == "routes":
         return RoutesAction(tuple(_str_list(o, "services", where)))
-    if spec.type == "haproxy":
+    if kind == "haproxy":
         servers = _want(o, "servers", dict, where) or {}
         return HAProxyAction(
             _str_list(o, "sockets", where),
@@ -234,7 +229,7 @@ def build_action(spec: ActionSpec) -> Action:
             down_state=_want(o, "down_state", str, where) or "maint",
             timeout_s=timeout or 5.0,
         )
-    if spec.type == "redis-promote":
+    if kind == "redis-promote":
         password_env = _want(o, "password_env", str, where)
         return RedisPromoteAction(
             check_name(str(o.get("service") or ""), "service"),
@@ -242,7 +237,7 @@ def build_action(spec: ActionSpec) -> Action:
             lease_ms=int(_want(o, "lease_ms", int, where) or 5000),
             timeout_s=timeout or 2.0,
         )
-    if spec.type == "webhook":
+    if kind == "webhook":
         headers = _want(o, "headers", dict, where) or {}
         return WebhookAction(
             str(_want(o, "url", str, where) or ""),
@@ -256,16 +251,14 @@ def build_action(spec: ActionSpec) -> Action:
 
 
 def build_consumer(settings: Settings, spec: ActionSpec) -> FailoverConsumer:
-    action = build_action(spec)
-    inner = float(getattr(action, "timeout_s", 0) or 0)
     consumer = FailoverConsumer(
         settings,
         spec.name,
         spec.bindings,
         retry=spec.retry,
-        handler_timeout_s=max(spec.handler_timeout_s, inner + 5),
+        handler_timeout_s=max(spec.handler_timeout_s, spec.action.timeout_s + 5),
     )
-    consumer.add_action(action)
+    consumer.add_action(spec.action)
     return consumer
 
 
@@ -273,15 +266,13 @@ async def run_consumers(consumers: Sequence[FailoverConsumer], stop: asyncio.Eve
     """Run every consumer until ``stop``; if one fails, stop the others and raise its error."""
     tasks = [asyncio.create_task(c.run(stop), name=f"failover-{c.group}") for c in consumers]
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if task.exception() is not None:
-                stop.set()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise task.exception()  # type: ignore[misc]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def exec_consumer(
@@ -294,7 +285,6 @@ def exec_consumer(
     timeout_s: float,
 ) -> FailoverConsumer:
     """A consumer of ``group`` that runs ``command`` once per event its bindings match."""
-    spec = ActionSpec(
-        group, "exec", list(bindings), {"command": command, "timeout_s": timeout_s}, retry, 60.0
-    )
+    action = ExecAction(command, timeout_s)
+    spec = ActionSpec(group, "exec", list(bindings), {}, retry, 60.0, action)
     return build_consumer(settings, spec)

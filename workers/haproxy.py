@@ -17,9 +17,8 @@ from typing import ClassVar
 from hbbus.errors import ActionFailed, ConfigError, PermanentFailure
 from hbbus.failover import Action
 from hbbus.wire import Event
+from hbbus.workers.routes import DOWN_KINDS, UP_KINDS
 
-DOWN_KINDS = frozenset({"dead", "left"})
-UP_KINDS = frozenset({"joined", "recovered", "restarted"})
 DOWN_STATES = ("maint", "drain")
 
 

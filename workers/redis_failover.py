@@ -34,11 +34,9 @@ from hbbus.errors import ActionFailed, ConfigError
 from hbbus.failover import Action, FailoverConsumer
 from hbbus.routing import Change, Endpoint, RoutingTable, Table
 from hbbus.wire import Event, new_event
+from hbbus.workers.routes import DOWN_KINDS, UP_KINDS, RoutesAction
 
 log = logging.getLogger("hbbus.redis_failover")
-
-UP_KINDS = frozenset({"joined", "recovered", "restarted"})
-DOWN_KINDS = frozenset({"dead", "left"})
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -120,22 +118,14 @@ class RedisPromoteAction(Action):
         self.lease_ms = lease_ms
         self.timeout_s = timeout_s
         self._consumer: FailoverConsumer | None = None
-        self._table: RoutingTable | None = None
+        self.routes = RoutesAction((service,))  # keeps this service's routing table
 
     async def start(self, consumer: FailoverConsumer) -> None:
         """Catch up with what happened while no worker ran: the table from the store, and a
         promotion if the primary of record is dead (its `dead` event may have gone by)."""
-        from hbbus.workers.routes import reconcile
-
         self._consumer = consumer
-        self._table = RoutingTable(consumer.redis, consumer.names)
-
-        async def announce(event: Event, change: Change | None, what: str) -> None:
-            if change is not None and change.changed:
-                await self._announce(event.instance, change, what)
-
         try:
-            await reconcile(consumer, self.table, (self.service,), announce)
+            await self.routes.start(consumer)
             table = await self.table.read(self.service)
             primary = table.entries.get(table.primary)
             if primary is not None and primary.reason == "dead":
@@ -145,8 +135,7 @@ class RedisPromoteAction(Action):
 
     @property
     def table(self) -> RoutingTable:
-        assert self._table is not None, "the action has not started"
-        return self._table
+        return self.routes.table
 
     @property
     def consumer(self) -> FailoverConsumer:
@@ -160,19 +149,14 @@ class RedisPromoteAction(Action):
         if event.service != self.service:
             return f"not {self.service}"
         if event.kind in DOWN_KINDS:
-            change = await self.table.remove(event.service, event.instance, event.kind)
-            await self._announce(event.instance, change, f"{event.instance} {event.kind}")
+            await self.routes.handle(event)
             if event.kind == "left":  # a sidecar stopped on purpose: no promotion
                 return f"{event.instance} out of routing (left)"
             return await self.promote(event.instance)
         return await self.rejoin(event)
 
     async def _announce(self, instance: str, change: Change | None, what: str) -> None:
-        """Publish the table's version (also when unchanged: a retry after a publish that
-        failed must still move the routers; the id is the version, so copies are one event)."""
-        if change is not None:
-            routes = self.table.change_event(self.service, instance, change, what)
-            await self.consumer.publish(routes)
+        await self.routes.announce(self.service, instance, change, what)
 
     # -- promotion ----------------------------------------------------------------------------
     async def promote(self, dead: str) -> str:
@@ -313,10 +297,10 @@ class RedisPromoteAction(Action):
 
     # -- members coming back -------------------------------------------------------------------
     async def rejoin(self, event: Event) -> str:
-        change = await self.table.upsert(event)
+        change, what = await self.routes.apply(event)
         if change is None:
-            return f"{event.instance} has no meta.endpoint"
-        await self._announce(event.instance, change, f"{event.instance} {event.kind}")
+            return what  # no meta.endpoint: not routed
+        await self._announce(event.instance, change, what)
         if await self.table.promotion(self.service):
             raise ActionFailed(f"a promotion of {self.service} is in progress; looking again")
         table = await self.table.read(self.service)

@@ -10,7 +10,6 @@ started after its services is right from its first second.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 import orjson
@@ -24,7 +23,9 @@ log = logging.getLogger("hbbus.routes")
 
 UP_KINDS = frozenset({"joined", "recovered", "restarted"})
 DOWN_KINDS = frozenset({"dead", "left"})
-DEFAULT_BINDINGS = tuple(f"{kind}.*.*" for kind in sorted(UP_KINDS | DOWN_KINDS))
+#: the lifecycle kinds routing-like actions follow (routes, haproxy, redis-promote)
+LIFECYCLE_KINDS = tuple(sorted(UP_KINDS | DOWN_KINDS))
+DEFAULT_BINDINGS = tuple(f"{kind}.*.*" for kind in LIFECYCLE_KINDS)
 
 
 class RoutesAction(Action):
@@ -61,53 +62,41 @@ class RoutesAction(Action):
             return change, f"{event.instance} fenced: {entry.reason}"
         return change, f"{event.instance} routable in {event.service} ({entry and entry.endpoint})"
 
-    async def announce(self, event: Event, change: Change | None, what: str) -> None:
+    async def announce(self, service: str, instance: str, change: Change | None, what: str) -> None:
         """Publish the table's version (also unchanged: a retry after a failed publish must
         still move the routers; the event id is the version, so copies are one event)."""
         if change is not None:
             assert self._consumer is not None
-            routes = self.table.change_event(event.service, event.instance, change, what)
+            routes = self.table.change_event(service, instance, change, what)
             await self._consumer.publish(routes)
 
     async def handle(self, event: Event) -> object:
         if self.services and event.service not in self.services:
             return "not a routed service"
         change, what = await self.apply(event)
-        await self.announce(event, change, what)
+        await self.announce(event.service, event.instance, change, what)
         return what
 
     async def reconcile(self) -> None:
-        """Bring the tables in line with the store: alive instances routable, others not."""
+        """Apply every known instance's current state (of ``services``) to the routing
+        tables, as if its last transition were handled now: a routing worker started after
+        its services is right from its first second."""
         assert self._consumer is not None
-        changed = await reconcile(self._consumer, self.table, self.services, self.announce)
+        store = Store(self._consumer.redis, self._consumer.names)
+        changed = 0
+        for record in await store.records():
+            event = _event_of(record)
+            if event is None or (self.services and event.service not in self.services):
+                continue
+            if record.get("state") in ("alive", "suspect"):
+                change = await self.table.upsert(event)
+            else:
+                state = str(record.get("state"))
+                change = await self.table.remove(event.service, event.instance, state)
+            if change is not None and change.changed:
+                changed += 1
+                await self.announce(event.service, event.instance, change, "reconciled")
         log.info("routes: reconciled with the store ◆ %d entries changed", changed)
-
-
-Announce = Callable[[Event, Change | None, str], Awaitable[None]]
-
-
-async def reconcile(
-    consumer: FailoverConsumer,
-    table: RoutingTable,
-    services: tuple[str, ...],
-    announce: Announce,
-) -> int:
-    """Apply every known instance's current state of ``services`` (all when empty) to the
-    routing tables, as if its last transition were handled now; returns how many changed."""
-    store = Store(consumer.redis, consumer.names)
-    changed = 0
-    for record in await store.records():
-        event = _event_of(record)
-        if event is None or (services and event.service not in services):
-            continue
-        if record.get("state") in ("alive", "suspect"):
-            change = await table.upsert(event)
-        else:
-            change = await table.remove(event.service, event.instance, str(record.get("state")))
-        if change is not None and change.changed:
-            changed += 1
-            await announce(event, change, "reconciled with the store")
-    return changed
 
 
 def _event_of(record: dict[str, Any]) -> Event | None:
