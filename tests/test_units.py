@@ -8,11 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hbbus.cli.main import parse_meta
+from hbbus.client import new_incarnation
 from hbbus.errors import ConfigError, InvalidMessage
 from hbbus.failover import RetryPolicy
 from hbbus.names import Names, split_instance_id
 from hbbus.ops import topic_match
-from hbbus.settings import Settings, redact
+from hbbus.settings import NAME_RE, Settings, redact
 from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_event, decode_heartbeat
 from hbbus.workers.aggregator import AggregatorConfig, coalesce
 
@@ -74,12 +75,28 @@ def test_decoder_never_crashes_on_garbage(body):
         (orjson.dumps({**orjson.loads(beat().encode()), "status": "zombie"}), "schema"),
         (orjson.dumps({**orjson.loads(beat().encode()), "meta": [1]}), "schema"),
         (orjson.dumps({**orjson.loads(beat().encode()), "seq": True}), "schema"),
+        (orjson.dumps({**orjson.loads(beat().encode()), "misses": 0}), "schema"),
+        (orjson.dumps({**orjson.loads(beat().encode()), "misses": "3"}), "schema"),
     ],
 )
 def test_invalid_heartbeats_have_reasons(doc, reason):
     with pytest.raises(InvalidMessage) as info:
         decode_heartbeat(doc)
     assert info.value.reason == reason
+
+
+def test_defaults_are_left_out_of_the_message():
+    doc = orjson.loads(beat().encode())
+    assert "misses" not in doc and "status" not in doc
+    assert decode_heartbeat(beat().encode()).misses == 3
+    doc = orjson.loads(beat(misses=5, status="draining").encode())
+    assert doc["misses"] == 5 and doc["status"] == "draining"
+
+
+def test_incarnations_are_short_distinct_names():
+    incarnations = {new_incarnation() for _ in range(1000)}
+    assert len(incarnations) == 1000
+    assert all(len(inc) == 17 and NAME_RE.fullmatch(inc) for inc in incarnations)
 
 
 def test_oversized_and_routing_key_mismatch():
