@@ -86,6 +86,9 @@ class Names:
     def record_key(self, service: str, instance: str) -> str:
         return f"{self.key_prefix}inst:{service}/{instance}"
 
+    def meta_key(self, service: str, instance: str) -> str:
+        return f"{self.key_prefix}meta:{service}/{instance}"
+
     def alive_key(self, service: str, instance: str) -> str:
         return f"{self.key_prefix}alive:{service}/{instance}"
 

@@ -368,7 +368,7 @@ class Router:
         instances = sorted(table.entries)
         async with self._redis.pipeline(transaction=False) as pipe:
             for instance in instances:
-                pipe.hget(self.names.record_key(self.service, instance), "meta")
+                pipe.get(self.names.meta_key(self.service, instance))
             metas = await pipe.execute()
         entries = dict(table.entries)
         for instance, raw in zip(instances, metas, strict=True):

@@ -4,8 +4,10 @@ the transition log, all changed only by the Lua scripts in ``hbbus/lua``.
 Key layout (``P`` = ``{<ns>}:``, see :mod:`hbbus.names`):
 
 - ``P inst:<svc>/<inst>``  hash, the instance record
+- ``P meta:<svc>/<inst>``  string, the instance's latest meta (JSON; kept out of the record,
+  which then stays a compact listpack)
 - ``P alive:<svc>/<inst>`` string with a TTL; exists exactly while the instance is alive
-- ``P hist:<svc>/<inst>``  list, the instance's last transitions (newest first)
+- ``P hist:<svc>/<inst>``  list, the instance's last transitions, one line each (newest first)
 - ``P instances``          set of known ``svc/inst``
 - ``P deadlines``          sorted set: ``svc/inst`` -> the time of its next transition (ms)
 - ``P outbox``             sorted set of unpublished event ids, oldest first; with
@@ -31,7 +33,7 @@ from hbbus.detect import DetectorConfig
 from hbbus.errors import Unavailable
 from hbbus.names import Names
 from hbbus.settings import NAME_RE, Settings, redact
-from hbbus.wire import Heartbeat
+from hbbus.wire import WIRE_VERSION, Heartbeat
 
 _LUA = Path(__file__).with_name("lua")
 
@@ -98,6 +100,33 @@ def zone_of(beat: Heartbeat) -> str:
     """``meta.zone`` when it is a valid name (it becomes part of keys and routing keys)."""
     zone = beat.meta.get("zone")
     return zone if isinstance(zone, str) and NAME_RE.fullmatch(zone) else ""
+
+
+def history_event(service: str, instance: str, line: str) -> dict[str, Any]:
+    """One line of an instance's history (common.lua, ``emit``) as its event's fields."""
+    evid, kind, prev, inc, seq, ord_, at, last, ttl, flags = line.split(" ")
+    event: dict[str, Any] = {
+        "v": WIRE_VERSION,
+        "id": evid,
+        "kind": kind,
+        "service": service,
+        "instance": instance,
+        "incarnation": inc,
+        "seq": int(seq),
+        "ord": int(ord_),
+        "at_ms": int(at),
+        "last_seen_ms": int(last),
+        "ttl_ms": int(ttl),
+        "prev": prev,
+    }
+    for flag in flags.split(","):
+        if flag == "r":
+            event["resync"] = True
+        elif flag == "m":
+            event["muted"] = True
+        elif flag.startswith("h"):
+            event["held"] = flag[1:]
+    return event
 
 
 def ingest_arg(beat: Heartbeat, interval_ms: int, ttl_ms: int) -> bytes:
@@ -350,17 +379,27 @@ class Store:
         async with self.redis.pipeline(transaction=False) as pipe:
             for iid in ids:
                 pipe.hgetall(self.names.key_prefix + "inst:" + iid)
-            rows = await pipe.execute()
-        return [row for row in rows if row]
+                pipe.get(self.names.key_prefix + "meta:" + iid)
+            replies = await pipe.execute()
+        return [
+            {**row, "meta": meta or "{}"}
+            for row, meta in zip(replies[::2], replies[1::2], strict=True)
+            if row
+        ]
 
     async def record(self, service: str, instance: str) -> dict[str, str] | None:
-        row: dict[str, str] = await self.redis.hgetall(self.names.record_key(service, instance))  # type: ignore[assignment]
-        return row or None
+        """The instance's record, with its meta (JSON) as ``meta``."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.names.record_key(service, instance))
+            pipe.get(self.names.meta_key(service, instance))
+            row, meta = await pipe.execute()
+        return {**row, "meta": meta or "{}"} if row else None
 
     async def history(self, service: str, instance: str, count: int = 20) -> list[dict[str, Any]]:
-        """The instance's latest transitions, newest first."""
+        """The instance's latest transitions, newest first: each as its event was published,
+        without the meta (the log keeps whole events; the history keeps one line each)."""
         raw = await self.redis.lrange(self.names.history_key(service, instance), 0, count - 1)
-        return [orjson.loads(body) for body in raw]
+        return [history_event(service, instance, line) for line in raw]
 
     async def recent_events(self, count: int = 50) -> list[dict[str, Any]]:
         """The latest transitions of the whole namespace, oldest first."""
@@ -379,7 +418,7 @@ class Store:
         )
         zone, held = fields
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(n.record_key(service, instance))
+            pipe.delete(n.record_key(service, instance), n.meta_key(service, instance))
             pipe.delete(n.alive_key(service, instance), n.history_key(service, instance))
             pipe.zrem(n.deadlines_key, iid)
             pipe.zrem(n.flapcheck_key, iid)

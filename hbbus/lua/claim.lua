@@ -102,7 +102,7 @@ local function purge(id)
   if f[1] then redis.call('SREM', P .. 'svc:' .. f[1], id) end
   if f[2] and f[2] ~= '' then redis.call('SREM', P .. 'zone:' .. f[2], id) end
   if f[3] and f[3] ~= '' then redis.call('ZREM', P .. 'held:' .. f[3], id) end
-  redis.call('DEL', P .. 'inst:' .. id, P .. 'hist:' .. id, P .. 'alive:' .. id)
+  redis.call('DEL', P .. 'inst:' .. id, P .. 'meta:' .. id, P .. 'hist:' .. id, P .. 'alive:' .. id)
   redis.call('ZREM', K_DEADLINES, id)
   redis.call('SREM', K_INSTANCES, id)
   redis.call('ZREM', K_NOTALIVE, id)
@@ -214,9 +214,9 @@ local function tend_guards()
 end
 tend_guards()
 
-local function record_of(r)
+local function record_of(id, r)
   return {svc = r[5], inst = r[6], inc = r[7], seq = r[8], last = r[2], ttl = r[3],
-    meta = r[9], ord = r[10]}
+    meta = meta_of(id), ord = r[9]}
 end
 
 -- Flapping instances that have been stable long enough: one `stable` event, and the state
@@ -226,13 +226,13 @@ local function settle_flapping()
     redis.call('ZREM', K_FLAPCHECK, id)
     local rkey = P .. 'inst:' .. id
     local r = redis.call('HMGET', rkey, 'state', 'last', 'ttl', 'since', 'svc', 'inst', 'inc',
-      'seq', 'meta', 'ord', 'flapping', 'pub')
-    if r[1] and r[11] == '1' then
+      'seq', 'ord', 'flapping', 'pub')
+    if r[1] and r[10] == '1' then
       redis.call('HSET', rkey, 'flapping', '', 'flips', '')
-      local rec = record_of(r)
+      local rec = record_of(id, r)
       emit(id, 'stable', 'flapping', rec, false)
       local now_state = r[1] == 'dead' and 'dead' or 'alive'
-      if r[1] ~= 'left' and now_state ~= (r[12] or 'alive') then
+      if r[1] ~= 'left' and now_state ~= (r[11] or 'alive') then
         emit(id, now_state == 'dead' and 'dead' or 'recovered', 'flapping', rec, false)
       end
       redis.call('HSET', rkey, 'ord', rec.ord)
@@ -249,17 +249,17 @@ local function judge(id, rkey, r, horizon)
       return
     end
   end
-  local due = next_due(state, last, r[11], ttl, r[15])
+  local due = next_due(state, last, r[10], ttl, r[14])
   if due > horizon then
     redis.call('ZADD', K_DEADLINES, due, id)
     return
   end
-  local rec = record_of(r)
+  local rec = record_of(id, r)
   local window_end = maintenance_until(rec.svc, rec.inst)
   local muted = window_end > 0
   if last + ttl <= horizon then
     local held = nil
-    if not muted then held = guard(id, rec.svc, r[13]) end
+    if not muted then held = guard(id, rec.svc, r[12]) end
     emit(id, 'dead', state, rec, muted or held ~= nil, held)
     redis.call('HSET', rkey, 'state', 'dead', 'since', NOW, 'ord', rec.ord,
       'muted', (muted or held) and '1' or '0', 'held', held or '')
@@ -284,7 +284,7 @@ local function unmute(id, rkey, r)
     redis.call('ZADD', K_DEADLINES, window_end, id)
     return
   end
-  local rec = record_of(r)
+  local rec = record_of(id, r)
   emit(id, 'dead', 'maintenance', rec, false)
   redis.call('HSET', rkey, 'since', NOW, 'ord', rec.ord, 'muted', '0')
   redis.call('ZADD', K_NOTALIVE, NOW, id)
@@ -303,12 +303,12 @@ end
 for _, id in ipairs(due) do
   local rkey = P .. 'inst:' .. id
   local r = redis.call('HMGET', rkey, 'state', 'last', 'ttl', 'since', 'svc', 'inst', 'inc',
-    'seq', 'meta', 'ord', 'ivl', 'muted', 'zone', 'held', 'sus')
+    'seq', 'ord', 'ivl', 'muted', 'zone', 'held', 'sus')
   if not r[1] then
     purge(id)
   elseif r[1] == 'alive' or r[1] == 'suspect' then
     judge(id, rkey, r, horizon)
-  elseif r[1] == 'dead' and r[12] == '1' and (r[14] or '') == '' then
+  elseif r[1] == 'dead' and r[11] == '1' and (r[13] or '') == '' then
     unmute(id, rkey, r)
   else
     local purge_at = tonumber(r[4]) + RETENTION

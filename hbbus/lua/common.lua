@@ -49,15 +49,16 @@ local function claim_event(evid, rk, body)
   out[#out + 1] = body
 end
 
--- Put one event in the history and in the outbox. If it is its instance's only pending event,
+-- Put one event in the log (and, given ``hist`` = {key, entry}, its instance's history) and
+-- in the outbox. If it is its instance's only pending event,
 -- the caller gets it to publish now; else a reaper hands it out once the older ones are
 -- published. The caller finalises after the broker confirmed; if it dies first, the lease runs
 -- out and any reaper publishes the event again, with the same id.
 local function record_event(id, evid, ord, rk, body, hist, muted)
   redis.call('XADD', K_LOG, 'MAXLEN', '~', LOGMAX, '*', 'e', body)
   if hist then
-    redis.call('LPUSH', hist, body)
-    redis.call('LTRIM', hist, 0, HISTLEN - 1)
+    redis.call('LPUSH', hist[1], hist[2])
+    redis.call('LTRIM', hist[1], 0, HISTLEN - 1)
   end
   if muted then return end  -- maintenance: in the history, never published
   redis.call('ZADD', K_OUTBOX, ord, evid)
@@ -65,6 +66,13 @@ local function record_event(id, evid, ord, rk, body, hist, muted)
   if redis.call('HINCRBY', K_PENDING, id, 1) == 1 and not NO_CLAIM then
     claim_event(evid, rk, body)
   end
+end
+
+-- An instance's latest meta (JSON). It is kept in a string key of its own, not in the record:
+-- a value longer than hash-max-listpack-value (64 bytes) turns the whole record from a
+-- listpack into a hashtable, four times its size.
+local function meta_of(id)
+  return redis.call('GET', P .. 'meta:' .. id) or '{}'
 end
 
 -- After Redis lost its data, the records rebuilt from arriving heartbeats say so.
@@ -132,7 +140,17 @@ emit = function(id, kind, prev, rec, muted, held)
   if muted then body = body .. ',"muted":true' end
   if held then body = body .. ',"held":"' .. held .. '"' end
   body = body .. '}'
-  record_event(id, evid, ord, rk, body, P .. 'hist:' .. id, muted)
+  -- The history keeps each transition in one line without the meta (the log has the whole
+  -- event): "id kind prev incarnation seq ord at_ms last_seen_ms ttl_ms flags", flags being
+  -- "-" or any of "m" (muted), "r" (resync), "h<scope>" (held), joined by commas.
+  -- hbbus/store.py parses it; a full event JSON here cost 400 bytes per instance.
+  local flags = {}
+  if muted then flags[#flags + 1] = 'm' end
+  if kind == 'joined' and NOW < RESYNC_UNTIL then flags[#flags + 1] = 'r' end
+  if held then flags[#flags + 1] = 'h' .. held end
+  local entry = table.concat({evid, kind, prev, rec.inc, rec.seq, ord, NOW, rec.last, rec.ttl,
+    #flags > 0 and table.concat(flags, ',') or '-'}, ' ')
+  record_event(id, evid, ord, rk, body, {P .. 'hist:' .. id, entry}, muted)
 end
 
 -- The mass-expiry guard. A scope is "service:<svc>" or "zone:<zone>"; its members are the
@@ -147,10 +165,10 @@ local function release_one(scope, id)
   redis.call('ZREM', P .. 'held:' .. scope, id)
   local rkey = P .. 'inst:' .. id
   local r = redis.call('HMGET', rkey, 'state', 'held', 'svc', 'inst', 'inc', 'seq', 'last', 'ttl',
-    'meta', 'ord')
+    'ord')
   if r[1] ~= 'dead' or r[2] ~= scope then return 0 end  -- it came back, or was forgotten
   local rec = {svc = r[3], inst = r[4], inc = r[5], seq = r[6], last = r[7], ttl = r[8],
-    meta = r[9], ord = r[10]}
+    meta = meta_of(id), ord = r[9]}
   emit(id, 'dead', 'held', rec, false)
   redis.call('HSET', rkey, 'muted', '0', 'held', '', 'ord', rec.ord)
   return 1

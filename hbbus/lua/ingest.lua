@@ -107,11 +107,11 @@ end
 
 -- The record's fields one heartbeat reads; adapt() reads cur[9..13].
 local READ = {'state', 'inc', 'seq', 'pinc', 'ord', 'muted', 'held', 'zone', 'last', 'gn', 'gm',
-  'gv', 'gaps', 'ivl', 'dttl', 'ttl', 'sus', 'status', 'meta'}
+  'gv', 'gaps', 'ivl', 'dttl', 'ttl', 'sus', 'status'}
 
 -- Only what changed is written: a steady heartbeat of a known instance writes seq and last
 -- (plus its alive key and deadline), not the whole record.
-local function changes(cur, first, svc, inst, inc, seq, ivl, dttl, st, meta, newstate, zone)
+local function changes(cur, first, svc, inst, inc, seq, ivl, dttl, st, newstate, zone)
   local fields = {'seq', seq, 'last', NOW}
   local function put(name, value, old)
     if value ~= (old or '') then
@@ -129,7 +129,6 @@ local function changes(cur, first, svc, inst, inc, seq, ivl, dttl, st, meta, new
   put('ivl', ivl, cur[14])
   put('dttl', dttl, cur[15])
   put('status', st, cur[18])
-  put('meta', meta, cur[19])
   put('state', newstate, cur[1])
   put('zone', zone, cur[8])
   if (cur[6] or '0') ~= '0' then put('muted', '0', cur[6]) end
@@ -157,8 +156,7 @@ for i = 0, n - 1 do
     local dttl = ttl
     local sus = ''
     local det = detector(svc)
-    local fields = changes(cur, not state, svc, inst, inc, seq, ivl, dttl, st, meta, newstate,
-      zone)
+    local fields = changes(cur, not state, svc, inst, inc, seq, ivl, dttl, st, newstate, zone)
     if det then
       local continued = (state == 'alive' or state == 'suspect') and not newinc
       ttl, sus = adapt(fields, det, cur, continued, dttl, ivl)
@@ -196,6 +194,8 @@ for i = 0, n - 1 do
       fields[#fields + 1] = rec.ord
     end
     redis.call('HSET', rkey, unpack(fields))
+    local mkey = P .. 'meta:' .. id
+    if redis.call('GET', mkey) ~= meta then redis.call('SET', mkey, meta) end
     if newstate ~= state then
       if newstate == 'left' then
         redis.call('ZADD', K_NOTALIVE, 0, id)
