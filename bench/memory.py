@@ -91,7 +91,7 @@ async def main(args: argparse.Namespace) -> None:
         sample = {
             "inst": names.record_key("api", "api-7"),
             "alive": names.alive_key("api", "api-7"),
-            "hist": names.history_key("api", "api-7"),
+            "history": names.history_key("api", "api-7"),
         }
         usage = {k: await store.redis.memory_usage(v) for k, v in sample.items()}
         print(f"  used_memory before {before:,} after {after:,}: {per:,.0f} bytes per instance")

@@ -93,7 +93,7 @@ class Names:
         return f"{self.key_prefix}alive:{service}/{instance}"
 
     def history_key(self, service: str, instance: str) -> str:
-        return f"{self.key_prefix}hist:{service}/{instance}"
+        return f"{self.key_prefix}history:{service}/{instance}"
 
     @property
     def instances_key(self) -> str:

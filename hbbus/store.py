@@ -7,7 +7,8 @@ Key layout (``P`` = ``{<ns>}:``, see :mod:`hbbus.names`):
 - ``P meta:<svc>/<inst>``  string, the instance's latest meta (JSON; kept out of the record,
   which then stays a compact listpack)
 - ``P alive:<svc>/<inst>`` string with a TTL; exists exactly while the instance is alive
-- ``P hist:<svc>/<inst>``  list, the instance's last transitions, one line each (newest first)
+- ``P history:<svc>/<inst>`` string, the instance's last transitions, one line each (newest
+  first, see :func:`history_event`)
 - ``P instances``          set of known ``svc/inst``
 - ``P deadlines``          sorted set: ``svc/inst`` -> the time of its next transition (ms)
 - ``P outbox``             sorted set of unpublished event ids, oldest first; with
@@ -398,8 +399,9 @@ class Store:
     async def history(self, service: str, instance: str, count: int = 20) -> list[dict[str, Any]]:
         """The instance's latest transitions, newest first: each as its event was published,
         without the meta (the log keeps whole events; the history keeps one line each)."""
-        raw = await self.redis.lrange(self.names.history_key(service, instance), 0, count - 1)
-        return [history_event(service, instance, line) for line in raw]
+        raw: str | None = await self.redis.get(self.names.history_key(service, instance))  # type: ignore[assignment]
+        lines = raw.split("\n")[:count] if raw else []
+        return [history_event(service, instance, line) for line in lines]
 
     async def recent_events(self, count: int = 50) -> list[dict[str, Any]]:
         """The latest transitions of the whole namespace, oldest first."""

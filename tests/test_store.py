@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import orjson
 import pytest
 
 from hbbus.store import Store, StoreConfig
@@ -119,6 +120,23 @@ async def test_each_transition_has_a_growing_ord_and_history(store):
     ords = [h["ord"] for h in reversed(history)]
     assert ords == sorted(ords) and len(set(ords)) == 3
     assert [e["kind"] for e in await store.recent_events()] == ["joined", "restarted", "left"]
+
+
+async def test_history_keeps_the_newest_transitions_whole(settings):
+    store = Store.from_settings(settings, StoreConfig(history_len=3))
+    try:
+        events = []
+        for n in range(5):  # joined, then four restarts
+            events += (await ingest(store, hb(1, f"i{n}", meta={"n": n})))[1]
+        history = await store.history("svc", "a")
+        assert [h["incarnation"] for h in history] == ["i4", "i3", "i2"]
+        assert [h["id"] for h in history] == [e.id for e in reversed(events)][:3]
+        published = orjson.loads(events[-1].body)
+        del published["meta"]  # the history keeps no meta; every other field is as published
+        assert history[0] == published
+        assert (await store.record("svc", "a"))["meta"] == '{"n":4}'
+    finally:
+        await store.close()
 
 
 async def test_forget(store):

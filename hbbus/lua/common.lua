@@ -56,9 +56,20 @@ end
 -- out and any reaper publishes the event again, with the same id.
 local function record_event(id, evid, ord, rk, body, hist, muted)
   redis.call('XADD', K_LOG, 'MAXLEN', '~', LOGMAX, '*', 'e', body)
-  if hist then
-    redis.call('LPUSH', hist[1], hist[2])
-    redis.call('LTRIM', hist[1], 0, HISTLEN - 1)
+  if hist then  -- a string of lines, newest first: 80 bytes less than a list of one entry
+    local lines = hist[2]
+    local older = redis.call('GET', hist[1])
+    if older and HISTLEN > 1 then
+      local at, kept = 0, 0  -- keep the first HISTLEN - 1 lines of the older ones
+      while kept < HISTLEN - 1 do
+        at = string.find(older, '\n', at + 1, true)
+        if not at then break end
+        kept = kept + 1
+      end
+      if at then older = string.sub(older, 1, at - 1) end
+      lines = lines .. '\n' .. older
+    end
+    redis.call('SET', hist[1], lines)
   end
   if muted then return end  -- maintenance: in the history, never published
   redis.call('ZADD', K_OUTBOX, ord, evid)
@@ -150,7 +161,7 @@ emit = function(id, kind, prev, rec, muted, held)
   if held then flags[#flags + 1] = 'h' .. held end
   local entry = table.concat({evid, kind, prev, rec.inc, rec.seq, ord, NOW, rec.last, rec.ttl,
     #flags > 0 and table.concat(flags, ',') or '-'}, ' ')
-  record_event(id, evid, ord, rk, body, {P .. 'hist:' .. id, entry}, muted)
+  record_event(id, evid, ord, rk, body, {P .. 'history:' .. id, entry}, muted)
 end
 
 -- The mass-expiry guard. A scope is "service:<svc>" or "zone:<zone>"; its members are the
