@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -224,7 +224,7 @@ class Heartbeater:
             await declare_heartbeats(channel, self.names)
             # Heartbeats go out through the aiormq channel under aio-pika's: building an
             # aio_pika.Message and its wrapper per beat cost more CPU than the publish itself.
-            raw = await channel.get_underlay_channel()
+            raw = cast(aiormq.Channel, await channel.get_underlay_channel())
             self.connects += 1
             self._connected.set()
             await self._beat_loop(raw, connection)
@@ -232,7 +232,7 @@ class Heartbeater:
                 await self._publish(raw, "left", timeout_s=2.0)
 
     async def _beat_loop(
-        self, channel: aiormq.abc.AbstractChannel, connection: aio_pika.abc.AbstractConnection
+        self, channel: aiormq.Channel, connection: aio_pika.abc.AbstractConnection
     ) -> None:
         next_at = time.monotonic()
         while not self._stop.is_set():
@@ -296,9 +296,7 @@ class Heartbeater:
             self._last_meta,
         ).encode(self._last_meta_json)
 
-    async def _publish(
-        self, channel: aiormq.abc.AbstractChannel, status: str, timeout_s: float
-    ) -> None:
+    async def _publish(self, channel: aiormq.Channel, status: str, timeout_s: float) -> None:
         try:
             await self._resolve_meta()
         except SkipBeat as exc:

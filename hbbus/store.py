@@ -383,7 +383,7 @@ class Store:
                 pipe.get(self.names.key_prefix + "meta:" + iid)
             replies = await pipe.execute()
         return [
-            {**row, "meta": meta or "{}"}
+            {**row, "meta": meta or row.get("meta") or "{}"}
             for row, meta in zip(replies[::2], replies[1::2], strict=True)
             if row
         ]
@@ -394,7 +394,7 @@ class Store:
             pipe.hgetall(self.names.record_key(service, instance))
             pipe.get(self.names.meta_key(service, instance))
             row, meta = await pipe.execute()
-        return {**row, "meta": meta or "{}"} if row else None
+        return {**row, "meta": meta or row.get("meta") or "{}"} if row else None
 
     async def history(self, service: str, instance: str, count: int = 20) -> list[dict[str, Any]]:
         """The instance's latest transitions, newest first: each as its event was published,
@@ -422,6 +422,7 @@ class Store:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(n.record_key(service, instance), n.meta_key(service, instance))
             pipe.delete(n.alive_key(service, instance), n.history_key(service, instance))
+            pipe.delete(f"{n.key_prefix}hist:{iid}")  # the history list of the earlier layout
             pipe.zrem(n.deadlines_key, iid)
             pipe.zrem(n.flapcheck_key, iid)
             pipe.srem(n.instances_key, iid)

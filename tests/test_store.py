@@ -147,6 +147,32 @@ async def test_forget(store):
     assert await store.redis.zscore(store.names.deadlines_key, "svc/a") is None
 
 
+async def test_forget_leaves_no_key_behind(store):
+    await ingest(store, hb(1, meta={"endpoint": "x"}))
+    await ingest(store, hb(1, "i2"))
+    assert await store.forget("svc", "a")
+    assert await store.redis.keys(store.names.key_prefix + "*svc/a") == []
+
+
+async def test_a_record_of_the_earlier_layout_keeps_its_meta(store):
+    """Before meta: and history: keys, the meta was a record field and the history a list."""
+    n = store.names
+    await ingest(store, hb(1, meta={"endpoint": "x"}))
+    await store.redis.hset(n.record_key("svc", "a"), "meta", '{"endpoint":"x"}')
+    await store.redis.delete(n.meta_key("svc", "a"))
+    await store.redis.lpush(n.key_prefix + "hist:svc/a", "{}")
+    assert (await store.record("svc", "a"))["meta"] == '{"endpoint":"x"}'
+    await asyncio.sleep(0.25)  # past the TTL (200 ms)
+    dead = [e for e in (await claim(store)).events if e.routing_key.startswith("dead.")]
+    assert [orjson.loads(e.body)["meta"] for e in dead] == [{"endpoint": "x"}]
+    await store.finalize(e.id for e in dead)
+    await ingest(store, hb(2, meta={"endpoint": "y"}))  # the next heartbeat moves it
+    assert await store.redis.hget(n.record_key("svc", "a"), "meta") is None
+    assert (await store.record("svc", "a"))["meta"] == '{"endpoint":"y"}'
+    assert await store.forget("svc", "a")
+    assert await store.redis.keys(n.key_prefix + "*svc/a") == []
+
+
 async def test_batch_of_many_instances_in_one_call(store):
     beats = [hb(1, inst=f"i{n}") for n in range(500)]
     stale, events = await ingest(store, *beats, publish=False)

@@ -102,7 +102,9 @@ local function purge(id)
   if f[1] then redis.call('SREM', P .. 'svc:' .. f[1], id) end
   if f[2] and f[2] ~= '' then redis.call('SREM', P .. 'zone:' .. f[2], id) end
   if f[3] and f[3] ~= '' then redis.call('ZREM', P .. 'held:' .. f[3], id) end
-  redis.call('DEL', P .. 'inst:' .. id, P .. 'meta:' .. id, P .. 'history:' .. id, P .. 'alive:' .. id)
+  -- (hist: is the history list of the layout before history:)
+  redis.call('DEL', P .. 'inst:' .. id, P .. 'meta:' .. id, P .. 'history:' .. id,
+    P .. 'hist:' .. id, P .. 'alive:' .. id)
   redis.call('ZREM', K_DEADLINES, id)
   redis.call('SREM', K_INSTANCES, id)
   redis.call('ZREM', K_NOTALIVE, id)

@@ -82,8 +82,10 @@ end
 -- An instance's latest meta (JSON). It is kept in a string key of its own, not in the record:
 -- a value longer than hash-max-listpack-value (64 bytes) turns the whole record from a
 -- listpack into a hashtable, four times its size.
+-- (A record written before this layout still holds it: read there until the next heartbeat.)
 local function meta_of(id)
-  return redis.call('GET', P .. 'meta:' .. id) or '{}'
+  return redis.call('GET', P .. 'meta:' .. id) or redis.call('HGET', P .. 'inst:' .. id, 'meta')
+    or '{}'
 end
 
 -- After Redis lost its data, the records rebuilt from arriving heartbeats say so.

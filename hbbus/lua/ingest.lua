@@ -107,7 +107,7 @@ end
 
 -- The record's fields one heartbeat reads; adapt() reads cur[9..13].
 local READ = {'state', 'inc', 'seq', 'pinc', 'ord', 'muted', 'held', 'zone', 'last', 'gn', 'gm',
-  'gv', 'gaps', 'ivl', 'dttl', 'ttl', 'sus', 'status'}
+  'gv', 'gaps', 'ivl', 'dttl', 'ttl', 'sus', 'status', 'meta'}
 
 -- Only what changed is written: a steady heartbeat of a known instance writes seq and last
 -- (plus its alive key and deadline), not the whole record.
@@ -195,7 +195,10 @@ for i = 0, n - 1 do
     end
     redis.call('HSET', rkey, unpack(fields))
     local mkey = P .. 'meta:' .. id
-    if redis.call('GET', mkey) ~= meta then redis.call('SET', mkey, meta) end
+    if redis.call('GET', mkey) ~= meta then
+      redis.call('SET', mkey, meta)
+      if cur[19] then redis.call('HDEL', rkey, 'meta') end  -- the layout before meta:
+    end
     if newstate ~= state then
       if newstate == 'left' then
         redis.call('ZADD', K_NOTALIVE, 0, id)
