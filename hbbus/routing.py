@@ -369,7 +369,10 @@ class Router:
         async with self._redis.pipeline(transaction=False) as pipe:
             for instance in instances:
                 pipe.get(self.names.meta_key(self.service, instance))
-            metas = await pipe.execute()
+                # a record of the earlier layout, until its next heartbeat moves the meta
+                pipe.hget(self.names.record_key(self.service, instance), "meta")
+            replies = await pipe.execute()
+        metas = [new or old for new, old in zip(replies[::2], replies[1::2], strict=True)]
         entries = dict(table.entries)
         for instance, raw in zip(instances, metas, strict=True):
             load = _load_of(raw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import decimal
 
 import aio_pika
@@ -45,6 +46,24 @@ async def test_a_dict_meta_that_goes_bad_keeps_the_last_good_one(settings):
         await wait_until(lambda: _has_meta(queue, beats, {"load": 2}), 5, "the fixed meta")
         await hb.stop()
         await wait_until(lambda: _has_status(queue, beats, "left"), 5, "left")
+
+
+async def test_stop_during_a_beat_does_not_wait_for_the_next_one(settings):
+    """stop() while a beat is under way (its meta still being computed) ends the loop after
+    that beat and sends ``left``, instead of sleeping through the 10 s interval first."""
+    computing = asyncio.Event()
+
+    async def meta():
+        computing.set()
+        await asyncio.sleep(0.3)
+        return {"load": 1}
+
+    hb = Heartbeater("m", "m-1", interval_s=10, meta=meta, settings=settings)
+    await hb.start()
+    await asyncio.wait_for(computing.wait(), 5)
+    async with asyncio.timeout(5):  # the fault made this take the whole interval (10 s)
+        await hb.stop()
+    assert hb.sent == 2  # the beat under way, then left
 
 
 async def _count_after(queue, beats, seen, n):

@@ -168,6 +168,7 @@ async def test_a_record_of_the_earlier_layout_keeps_its_meta(store):
     await store.finalize(e.id for e in dead)
     await ingest(store, hb(2, meta={"endpoint": "y"}))  # the next heartbeat moves it
     assert await store.redis.hget(n.record_key("svc", "a"), "meta") is None
+    assert not await store.redis.exists(n.key_prefix + "hist:svc/a")
     assert (await store.record("svc", "a"))["meta"] == '{"endpoint":"y"}'
     assert await store.forget("svc", "a")
     assert await store.redis.keys(n.key_prefix + "*svc/a") == []

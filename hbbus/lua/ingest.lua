@@ -197,7 +197,10 @@ for i = 0, n - 1 do
     local mkey = P .. 'meta:' .. id
     if redis.call('GET', mkey) ~= meta then
       redis.call('SET', mkey, meta)
-      if cur[19] then redis.call('HDEL', rkey, 'meta') end  -- the layout before meta:
+      if cur[19] then  -- the layout before meta: and history:
+        redis.call('HDEL', rkey, 'meta')
+        redis.call('DEL', P .. 'hist:' .. id)
+      end
     end
     if newstate ~= state then
       if newstate == 'left' then
