@@ -16,8 +16,8 @@ from hbbus.failover import FailoverConsumer, RetryPolicy
 from hbbus.names import Names
 from hbbus.routing import Endpoint, NoRoute, Router, RoutingTable, Table
 from hbbus.settings import Settings
-from hbbus.store import connect_redis
-from hbbus.wire import Event, decode_event
+from hbbus.store import Store, connect_redis
+from hbbus.wire import Event, Heartbeat, decode_event
 from hbbus.workers.routes import DEFAULT_BINDINGS, RoutesAction
 from tests.helpers import run_cli, running, wait_until
 
@@ -243,6 +243,37 @@ async def test_routes_action_reconciles_instances_that_joined_before_it(settings
             Router("api", settings=settings) as router,
         ):
             assert await router.wait_for(lambda t: len(t.routable()) == 1, 10)
+
+
+async def test_reconcile_leaves_alone_deaths_the_guard_holds(settings):
+    """A routes worker (re)started while the mass-expiry guard holds deaths must not act on
+    them: failover was not told, so the instances stay routable (and no promotion follows)."""
+    store = Store.from_settings(settings)
+    try:
+        beats = [
+            (Heartbeat("db", f"db-{i}", "i1", 1, 100, 2, 0, "ok", {"endpoint": f"h:{i}"}), 100, 200)
+            for i in range(4)
+        ]
+        _, joined = await store.ingest(beats, "t", 2**50)
+        await store.finalize(e.id for e in joined)
+        async with running(routes_consumer(settings, "first")):
+            pass  # its start reconciles: four routable entries
+        table = RoutingTable(store.redis, store.names)
+        assert len((await table.read("db")).routable()) == 4
+        await wait_until(lambda: _held(store), 5, "the four deaths held by the guard")
+        async with running(routes_consumer(settings, "second")):
+            pass
+        assert len((await table.read("db")).routable()) == 4
+    finally:
+        await store.close()
+
+
+async def _held(store):
+    await store.ingest([], "t", 2**50)  # a caught-up watermark, as an aggregator's probe
+    result = await store.claim()
+    await store.finalize(e.id for e in result.events)
+    records = [await store.record("db", f"db-{i}") for i in range(4)]
+    return all(r["state"] == "dead" and r["pub"] == "alive" and r["held"] for r in records)
 
 
 async def test_routes_of_an_unknown_service_is_not_found(settings):

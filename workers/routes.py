@@ -79,8 +79,9 @@ class RoutesAction(Action):
 
     async def reconcile(self) -> None:
         """Apply every known instance's current state (of ``services``) to the routing
-        tables, as if its last transition were handled now: a routing worker started after
-        its services is right from its first second."""
+        tables, as if its last published transition were handled now: a routing worker
+        started after its services is right from its first second. ``pub`` is the state
+        failover was told (common.lua): a death kept quiet stays out of routing too."""
         assert self._consumer is not None
         store = Store(self._consumer.redis, self._consumer.names)
         changed = 0
@@ -88,11 +89,13 @@ class RoutesAction(Action):
             event = _event_of(record)
             if event is None or (self.services and event.service not in self.services):
                 continue
-            if record.get("state") in ("alive", "suspect"):
+            state = record.get("state")
+            if state == "left" or record.get("pub") == "dead":
+                change = await self.table.remove(event.service, event.instance, str(state))
+            elif state in ("alive", "suspect"):
                 change = await self.table.upsert(event)
-            else:
-                state = str(record.get("state"))
-                change = await self.table.remove(event.service, event.instance, state)
+            else:  # a death that was not published (maintenance, the guard, flap damping):
+                continue  # failover was not told, so routing is not changed either
             if change is not None and change.changed:
                 changed += 1
                 await self.announce(event.service, event.instance, change, "reconciled")
