@@ -299,7 +299,7 @@ async def steady(settings: Settings, quick: bool) -> list[Row]:
 
 async def main(args: argparse.Namespace) -> None:
     n, instances = (20_000, 2_000) if args.quick else (args.heartbeats, args.instances)
-    async with namespace("ingest", ["null", "null2"]) as settings:
+    async with namespace("ingest") as settings:
         names = Names(settings.namespace)
         extra = [f"{settings.namespace}.null", f"{settings.namespace}.null2"]
         await header(

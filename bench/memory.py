@@ -90,6 +90,7 @@ async def main(args: argparse.Namespace) -> None:
         names = store.names
         sample = {
             "inst": names.record_key("api", "api-7"),
+            "meta": names.meta_key("api", "api-7"),
             "alive": names.alive_key("api", "api-7"),
             "history": names.history_key("api", "api-7"),
         }

@@ -17,7 +17,7 @@ from hbbus import ops
 from hbbus.errors import ConfigError, HbbusError, NotFound, Unavailable
 from hbbus.names import split_instance_id
 from hbbus.runtime import install_signal_handlers, run, setup_logging
-from hbbus.settings import DEFAULT_NAMESPACE, Settings, check_name
+from hbbus.settings import DEFAULT_NAMESPACE, Settings, check_name, env_secret, parse_addr
 from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat
 
 EXIT_OK = 0
@@ -566,20 +566,14 @@ def sidecar_redis(
 ) -> None:
     """Heartbeat for a redis-server with its role and replication offset in meta; a server
     that does not answer stops the heartbeats. SIGTERM sends `left`."""
-    import os
 
-    from hbbus.workers.redis_failover import parse_addr
     from hbbus.workers.sidecar import run_redis_sidecar
 
     parse_addr(addr)
     check_name(service, "service")
     if instance is not None:
         check_name(instance, "instance")
-    password = None
-    if password_env:
-        password = os.environ.get(password_env)
-        if password is None:
-            raise ConfigError(f"--password-env: {password_env} is not set")
+    password = env_secret(password_env, "--password-env") if password_env else None
     worker_logging(ctx)
 
     async def main() -> None:

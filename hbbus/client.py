@@ -169,8 +169,8 @@ class Heartbeater:
             return
         self._leave = leave
         self._stop.set()
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+        if self._wake is not None:
+            _wake_up(self._wake)
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None

@@ -69,7 +69,8 @@ end
 if redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[3]) then return 'run' end
 return 'busy'
 """
-# KEYS: done key, order hash, inflight key. ARGV: instance id, ord, done ttl (s).
+# KEYS: done key, order hash, inflight key. ARGV: instance id, ord, done ttl (s), token: the
+# in-flight lease is released only by its holder (it may have run out and been taken over).
 _FINISH = """
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
 if tonumber(ARGV[2]) > 0 then
@@ -78,7 +79,7 @@ if tonumber(ARGV[2]) > 0 then
     redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
   end
 end
-redis.call('DEL', KEYS[3])
+if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
 return 1
 """
 # KEYS: inflight key. ARGV: token, lease_ms (0: release). Only the lease's holder renews it.
@@ -346,10 +347,19 @@ class FailoverConsumer:
         """Renew the in-flight lease while the handler runs: a member that dies mid-handler
         loses it within ``lease_ms``, and another member takes the event over."""
         assert self._redis is not None
+        warned = False
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
             with contextlib.suppress(RedisError, OSError):
-                await self._renew(keys=[key], args=[self.token, self.lease_ms])
+                held = await self._renew(keys=[key], args=[self.token, self.lease_ms])
+                if not held and not warned:  # ran out (a stalled loop, Redis away): say so
+                    log.warning(
+                        "failover %s: the in-flight lease %s ran out while its handler runs; "
+                        "another member may run the same event",
+                        self.group,
+                        key,
+                    )
+                    warned = True
 
     async def _call(self, handler: Handler, event: Event, lease_key: str) -> object:
         keeper = asyncio.create_task(self._keep_lease(lease_key))
@@ -386,7 +396,9 @@ class FailoverConsumer:
             )
         text = _detail_text(detail)
         # done first: an action that succeeded must not run again because its report failed
-        await self._finish(keys=keys, args=[event.instance_id, event.ord, self.dedupe_ttl_s])
+        await self._finish(
+            keys=keys, args=[event.instance_id, event.ord, self.dedupe_ttl_s, self.token]
+        )
         await self._report(event, "action.succeeded", attempt, {"detail": text})
         log.info(
             "failover %s (%s): %s %s handled (attempt %d)%s",

@@ -26,6 +26,23 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) -> (host, port); ConfigError when it is not one."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"expected HOST:PORT, got {addr!r}")
+    return host.strip("[]"), int(port)
+
+
+def env_secret(variable: str, what: str) -> str:
+    """A secret from the environment variable the configuration names; ConfigError when it is
+    not set or empty (a typo must fail at start, not as an auth error on the first failover)."""
+    value = os.environ.get(variable)
+    if not value:
+        raise ConfigError(f"{what}: environment variable {variable} is not set")
+    return value
+
+
 def redact(url: str) -> str:
     """The URL with its password replaced by ``***`` (for logs, reprs and error messages)."""
     try:

@@ -183,8 +183,11 @@ class Event:
         return f"{self.service}/{self.instance}"
 
     def to_dict(self) -> dict[str, Any]:
-        """The event as it was published (every field, also those this class does not name)."""
-        return orjson.loads(self.raw)  # type: ignore[no-any-return]
+        """The event as it was published (every field, also those this class does not name);
+        for an event built here rather than decoded, its fields."""
+        if self.raw:
+            return orjson.loads(self.raw)  # type: ignore[no-any-return]
+        return {k: getattr(self, k) for k in self.__slots__ if k != "raw"}  # type: ignore[attr-defined]
 
 
 _EVENT_STR = ("id", "kind", "service", "instance", "incarnation", "prev")

@@ -30,6 +30,7 @@ def write(tmp_path: Path, text: str) -> str:
 
 def test_the_compose_examples_are_valid(monkeypatch):
     monkeypatch.setenv("HBBUS_WEBHOOK_SECRET", "x")
+    monkeypatch.setenv("REDIS_PASSWORD", "x")
     kinds = [s.type for s in load_config(str(COMPOSE / "failover.example.toml"))]
     assert kinds == ["routes", "haproxy", "redis-promote", "webhook", "exec"]
     specs = load_config(str(COMPOSE / "failover.toml"))
@@ -59,6 +60,10 @@ def test_the_compose_examples_are_valid(monkeypatch):
             "down",
         ),
         ('[[action]]\nname="a"\ntype="redis-promote"\n', "service"),
+        (
+            '[[action]]\nname="a"\ntype="redis-promote"\nservice="c"\npassword_env="NO_SUCH"\n',
+            "password_env: environment variable NO_SUCH is not set",
+        ),
         ('[[action]]\nname="a"\ntype="webhook"\nbind="#"\nurl="ftp://x"\n', "http(s)"),
         (
             '[[action]]\nname="a"\ntype="webhook"\nbind="#"\nurl="http://x"\nsecret_env="NO_SUCH"\n',

@@ -329,7 +329,8 @@ class Aggregator:
             return False
         self.counts["heartbeats"] += len(valid)
         metrics.HEARTBEATS.inc(len(valid))
-        metrics.BATCH.observe(len(valid))
+        if valid:  # a probe alone is not an ingest batch
+            metrics.BATCH.observe(len(valid))
         return True
 
     async def _redis_lost(self, store: Store, exc: BaseException, last: DeliveredMessage) -> None:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 from hbbus.errors import ActionFailed, ConfigError
 from hbbus.failover import Action, FailoverConsumer, RetryPolicy
-from hbbus.settings import Settings, check_name
+from hbbus.settings import Settings, check_name, env_secret
 from hbbus.wire import Event
 from hbbus.workers.routes import LIFECYCLE_KINDS
 
@@ -42,7 +42,7 @@ COMMON_KEYS = frozenset(
 ACTION_KEYS: dict[str, frozenset[str]] = {
     "routes": frozenset({"services"}),
     "haproxy": frozenset({"services", "sockets", "server", "servers", "down_state", "timeout_s"}),
-    "redis-promote": frozenset({"service", "password_env", "lease_ms", "timeout_s", "sync_wait_s"}),
+    "redis-promote": frozenset({"service", "password_env", "lease_ms", "timeout_s"}),
     "webhook": frozenset({"url", "secret_env", "secret_file", "timeout_s", "headers"}),
     "exec": frozenset({"command", "timeout_s"}),
 }
@@ -103,7 +103,6 @@ class ActionSpec:
     name: str
     type: str
     bindings: list[str]
-    options: dict[str, Any]
     retry: RetryPolicy
     handler_timeout_s: float
     action: Action
@@ -181,7 +180,7 @@ def _check_spec(raw: dict[str, Any], defaults: dict[str, Any], where: str) -> Ac
     options = {k: v for k, v in raw.items() if k in ACTION_KEYS[kind]}
     # built now: every option is checked before the first event arrives
     action = build_action(kind, options, where)
-    return ActionSpec(name, kind, bindings, options, retry, timeout, action)
+    return ActionSpec(name, kind, bindings, retry, timeout, action)
 
 
 def load_config(path: str) -> list[ActionSpec]:
@@ -233,7 +232,7 @@ def build_action(kind: str, o: dict[str, Any], where: str) -> Action:
         password_env = _want(o, "password_env", str, where)
         return RedisPromoteAction(
             check_name(str(o.get("service") or ""), "service"),
-            password=os.environ.get(password_env) if password_env else None,
+            password=env_secret(password_env, f"{where}: password_env") if password_env else None,
             lease_ms=int(_want(o, "lease_ms", int, where) or 5000),
             timeout_s=timeout or 2.0,
         )
@@ -285,6 +284,8 @@ def exec_consumer(
     timeout_s: float,
 ) -> FailoverConsumer:
     """A consumer of ``group`` that runs ``command`` once per event its bindings match."""
-    action = ExecAction(command, timeout_s)
-    spec = ActionSpec(group, "exec", list(bindings), {}, retry, 60.0, action)
-    return build_consumer(settings, spec)
+    consumer = FailoverConsumer(
+        settings, group, bindings, retry=retry, handler_timeout_s=timeout_s + 5
+    )
+    consumer.add_action(ExecAction(command, timeout_s))
+    return consumer

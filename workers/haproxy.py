@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from hbbus.errors import ActionFailed, ConfigError, PermanentFailure
 from hbbus.failover import Action
+from hbbus.settings import parse_addr
 from hbbus.wire import Event
 from hbbus.workers.routes import DOWN_KINDS, UP_KINDS
 
@@ -29,11 +30,12 @@ def parse_socket(address: str) -> tuple[str, int] | str:
         return address[5:]
     if address.startswith("/"):
         return address
-    hostport = address.removeprefix("tcp://")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"HAProxy socket {address!r}: expected a path, unix:PATH or host:port")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_addr(address.removeprefix("tcp://"))
+    except ConfigError:
+        raise ConfigError(
+            f"HAProxy socket {address!r}: expected a path, unix:PATH or host:port"
+        ) from None
 
 
 def _check_server(value: str, source: str) -> str:

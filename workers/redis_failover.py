@@ -33,17 +33,11 @@ from hbbus import failpoints
 from hbbus.errors import ActionFailed, ConfigError
 from hbbus.failover import Action, FailoverConsumer
 from hbbus.routing import Change, Endpoint, RoutingTable, Table
+from hbbus.settings import parse_addr
 from hbbus.wire import Event, new_event
 from hbbus.workers.routes import DOWN_KINDS, UP_KINDS, RoutesAction
 
 log = logging.getLogger("hbbus.redis_failover")
-
-
-def parse_addr(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"expected HOST:PORT, got {addr!r}")
-    return host.strip("[]"), int(port)
 
 
 def node_client(addr: str, password: str | None, timeout_s: float) -> Redis:

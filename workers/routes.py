@@ -90,6 +90,7 @@ class RoutesAction(Action):
             if event is None or (self.services and event.service not in self.services):
                 continue
             state = record.get("state")
+            change: Change | None
             if state == "left" or record.get("pub") == "dead":
                 change = await self.table.remove(event.service, event.instance, str(state))
             elif state in ("alive", "suspect"):

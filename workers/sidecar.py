@@ -19,7 +19,7 @@ from hbbus.client import Heartbeater
 from hbbus.errors import SkipBeat
 from hbbus.routing import normalise_role
 from hbbus.settings import Settings
-from hbbus.workers.redis_failover import node_client
+from hbbus.workers.redis_failover import node_client, offset_of
 
 log = logging.getLogger("hbbus.sidecar")
 
@@ -58,15 +58,11 @@ class RedisProbe:
 
 def meta_of(addr: str, info: dict[str, Any]) -> dict[str, Any]:
     role = normalise_role(info.get("role"))
+    meta: dict[str, Any] = {"endpoint": addr, "role": role, "offset": offset_of(info)}
     if role == "replica":
-        return {
-            "endpoint": addr,
-            "role": role,
-            "offset": int(info.get("slave_repl_offset") or 0),
-            "master": f"{info.get('master_host')}:{info.get('master_port')}",
-            "link": str(info.get("master_link_status", "")),
-        }
-    return {"endpoint": addr, "role": role, "offset": int(info.get("master_repl_offset") or 0)}
+        meta["master"] = f"{info.get('master_host')}:{info.get('master_port')}"
+        meta["link"] = str(info.get("master_link_status", ""))
+    return meta
 
 
 async def run_redis_sidecar(

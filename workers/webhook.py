@@ -10,7 +10,6 @@ queues); any other 4xx is permanent — the event goes to the group's dead-lette
 
 from __future__ import annotations
 
-import os
 import time
 from typing import ClassVar
 
@@ -18,6 +17,7 @@ import httpx
 
 from hbbus.errors import ActionFailed, ConfigError, PermanentFailure
 from hbbus.failover import Action, FailoverConsumer
+from hbbus.settings import env_secret
 from hbbus.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from hbbus.wire import Event
 
@@ -30,10 +30,7 @@ def read_secret(secret_env: str | None, secret_file: str | None) -> bytes | None
     if secret_env and secret_file:
         raise ConfigError("give secret_env or secret_file, not both")
     if secret_env:
-        value = os.environ.get(secret_env)
-        if not value:
-            raise ConfigError(f"webhook secret: environment variable {secret_env} is not set")
-        return value.encode()
+        return env_secret(secret_env, "webhook secret").encode()
     if secret_file:
         try:
             with open(secret_file, "rb") as fh:

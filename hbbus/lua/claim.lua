@@ -106,6 +106,7 @@ local function purge(id)
   redis.call('DEL', P .. 'inst:' .. id, P .. 'meta:' .. id, P .. 'history:' .. id,
     P .. 'hist:' .. id, P .. 'alive:' .. id)
   redis.call('ZREM', K_DEADLINES, id)
+  redis.call('ZREM', K_FLAPCHECK, id)
   redis.call('SREM', K_INSTANCES, id)
   redis.call('ZREM', K_NOTALIVE, id)
 end
