@@ -15,10 +15,6 @@ import argparse
 import asyncio
 import time
 
-import pamqp.body
-import pamqp.commands
-import pamqp.frame
-import pamqp.header
 from common import TYPICAL_META, Row, common_args, declare, emit, header, namespace, run
 
 from hbbus.client import Heartbeater
@@ -32,19 +28,7 @@ def message_bytes() -> tuple[int, int]:
     hb = Heartbeater("api", "api-12", interval_s=1.0, meta=dict(TYPICAL_META))
     hb.seq = 123455
     body = hb.body("ok")
-    frames = [
-        pamqp.commands.Basic.Publish(
-            exchange=hb.names.heartbeats_exchange, routing_key=hb._routing_key
-        ),
-        pamqp.header.ContentHeader(
-            body_size=len(body),
-            properties=pamqp.commands.Basic.Properties(
-                content_type="application/json", delivery_mode=1, message_id=str(hb.seq)
-            ),
-        ),
-        pamqp.body.ContentBody(body),
-    ]
-    return len(body), sum(len(pamqp.frame.marshal(frame, 1)) for frame in frames)
+    return len(body), len(hb._payload(1, body, 131_072 - 8))
 
 
 async def cpu_per_beat(settings: Settings, count: int, interval_s: float, seconds: float) -> float:

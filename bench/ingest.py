@@ -182,8 +182,12 @@ async def backlog(settings: Settings, n: int, instances: int, profile: str | Non
 
 
 # -- steady state --------------------------------------------------------------------------
-async def publisher_main(settings: Settings, rate: int, seconds: float, instances: int) -> None:
-    """The publisher process: ``rate`` heartbeats/s round-robin over ``instances``."""
+async def publisher_main(
+    settings: Settings, rate: int, seconds: float, instances: int, first_seq: int
+) -> None:
+    """The publisher process: ``rate`` heartbeats/s round-robin over ``instances``, their seq
+    counting up from ``first_seq`` (each step of the ladder goes on from the last, so the
+    aggregator does not see them as stale)."""
     bodies = [
         beat_body("steady", k, 1, {**TYPICAL_META, "endpoint": f"10.1.{k // 256}.{k % 256}:80"})
         for k in range(instances)
@@ -195,7 +199,8 @@ async def publisher_main(settings: Settings, rate: int, seconds: float, instance
             due = int(rate * elapsed)
             while sent < due:
                 k = sent % instances
-                body = bodies[k].replace(seq_marker, b'"seq":%d,' % (sent // instances + 1), 1)
+                seq = first_seq + sent // instances
+                body = bodies[k].replace(seq_marker, b'"seq":%d,' % seq, 1)
                 await pub.send("steady", f"i{k}", body)
                 sent += 1
             await asyncio.sleep(0.002)
@@ -221,10 +226,10 @@ async def null_consumer_main(settings: Settings) -> None:
 
 
 async def one_rate(
-    settings: Settings, rate: int, seconds: float, instances: int
-) -> tuple[bool, float, int]:
-    """(sustained, rate the publisher reached, ready messages at the end)."""
-    pub = spawn_publisher(settings, rate, seconds, instances)
+    settings: Settings, rate: int, seconds: float, instances: int, first_seq: int
+) -> tuple[bool, int, int]:
+    """(sustained, heartbeats sent, ready messages at the end)."""
+    pub = spawn_publisher(settings, rate, seconds, instances, first_seq)
     out, _ = await asyncio.to_thread(pub.popen.communicate)
     sent, elapsed = (float(x) for x in out.split())
     await asyncio.sleep(0.05)
@@ -236,22 +241,26 @@ async def one_rate(
         f"{'sustained' if ok else 'NOT sustained'}",
         flush=True,
     )
-    return ok, reached, depth
+    return ok, int(sent), depth
 
 
-def spawn_publisher(settings: Settings, rate: int, seconds: float, instances: int) -> Proc:
+def spawn_publisher(
+    settings: Settings, rate: int, seconds: float, instances: int, first_seq: int
+) -> Proc:
     args = ["--role", "publisher", "--rate", str(rate), "--seconds", str(seconds)]
-    return spawn([__file__, *args, "--instances", str(instances)], settings, pipe=True)
+    args += ["--instances", str(instances), "--first-seq", str(first_seq)]
+    return spawn([__file__, *args], settings, pipe=True)
 
 
 async def ladder(
     settings: Settings, consumer: Proc, rates: Sequence[int], seconds: float, instances: int
 ) -> int:
-    best = 0
+    best, seq = 0, 1
     try:
         await asyncio.sleep(1.0)
         for rate in rates:
-            ok, _, _ = await one_rate(settings, rate, seconds, instances)
+            ok, sent, _ = await one_rate(settings, rate, seconds, instances, seq)
+            seq += sent // instances + 1
             if not ok:
                 break
             best = rate
@@ -332,9 +341,12 @@ if __name__ == "__main__":
     parser.add_argument("--role", choices=["bench", "publisher", "null"], default="bench")
     parser.add_argument("--rate", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=0)
+    parser.add_argument("--first-seq", type=int, default=1)
     cli = parser.parse_args()
     if cli.role == "publisher":
-        run(publisher_main(Settings.from_env(), cli.rate, cli.seconds, cli.instances))
+        run(
+            publisher_main(Settings.from_env(), cli.rate, cli.seconds, cli.instances, cli.first_seq)
+        )
     elif cli.role == "null":
         run(null_consumer_main(Settings.from_env()))
     else:

@@ -21,6 +21,10 @@ from typing import Any, cast
 import aio_pika
 import aiormq
 import orjson
+import pamqp.body
+import pamqp.frame
+import pamqp.header
+from aiormq.abc import ChannelFrame
 
 from hbbus.amqp import AMQP_ERRORS, connect, declare_heartbeats
 from hbbus.errors import ConfigError, SkipBeat, Unavailable
@@ -128,6 +132,7 @@ class Heartbeater:
         self._task: asyncio.Task[None] | None = None
         self._exchange = self.names.heartbeats_exchange
         self._routing_key = Names.heartbeat_routing_key(self.service, self.instance)
+        self._publish_frame: tuple[int, bytes] = (-1, b"")  # (channel number, marshalled)
 
     def __repr__(self) -> str:
         return (
@@ -302,40 +307,96 @@ class Heartbeater:
             self._last_meta,
         ).encode(self._last_meta_json)
 
+    def _payload(self, number: int, body: bytes, room: int) -> bytes:
+        """The AMQP frames of this beat's publish on channel ``number``, marshalled by pamqp:
+        Basic.Publish (the same for every beat, marshalled once), the content header, and the
+        body in frames of at most ``room`` bytes (one, for any heartbeat of typical size)."""
+        if self._publish_frame[0] != number:
+            method = aiormq.spec.Basic.Publish(
+                exchange=self._exchange, routing_key=self._routing_key
+            )
+            self._publish_frame = (number, pamqp.frame.marshal(method, number))
+        header = pamqp.header.ContentHeader(
+            body_size=len(body),
+            properties=aiormq.spec.Basic.Properties(
+                content_type="application/json",
+                delivery_mode=1,  # not persistent: a heartbeat is news only now
+                message_id=str(self.seq),
+            ),
+        )
+        frames = [self._publish_frame[1], pamqp.frame.marshal(header, number)]
+        for start in range(0, len(body), room):
+            chunk = pamqp.body.ContentBody(body[start : start + room])
+            frames.append(pamqp.frame.marshal(chunk, number))
+        return b"".join(frames)
+
     async def _publish(self, channel: aiormq.Channel, status: str, timeout_s: float) -> None:
         try:
-            await self._resolve_meta()
+            if callable(self._meta):
+                await self._resolve_meta()
+            else:
+                self._static_meta()
         except SkipBeat as exc:
             self.skipped += 1
             log.debug("%r: beat skipped: %s", self, exc)
             return
         body = self.body(status)
-        try:
-            # Most beats are handed to the connection's writer without waiting for it to write
-            # them (waiting cost ~18 µs of task switching per beat). Every DRAIN_EVERY-th beat,
-            # and ``left`` (the connection closes right after it), waits until the writer has
-            # written it and the socket's buffer is below its high-water mark. While a peer
-            # does not read (a broker blocking publishers, a stalled network), that wait holds
-            # the writer, its queue (10 frames) fills, and further beats time out and are
-            # dropped: what waits in memory stays bounded by the buffer's high-water mark
-            # (64 KiB) plus a few beats.
-            await channel.basic_publish(
-                body,
-                exchange=self._exchange,
-                routing_key=self._routing_key,
-                properties=aiormq.spec.Basic.Properties(
-                    content_type="application/json",
-                    delivery_mode=1,  # not persistent: a heartbeat is news only now
-                    message_id=str(self.seq),  # else aiormq adds a 32-character UUID
-                ),
-                timeout=timeout_s,
-                wait=status == "left" or self.seq % DRAIN_EVERY == 0,
-            )
-        except TimeoutError:
+        if channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        # A heartbeat's frames go straight into the connection's write queue (aiormq's
+        # abstract connection interface: ``write_queue`` of ``ChannelFrame``), which the
+        # connection's writer task sends. Channel.basic_publish around the same step — its
+        # lock, two context managers, a timeout and a future per call — cost about 40 % of
+        # the client's CPU per beat (docs/benchmarks.md). The channel has no publisher
+        # confirms, so no delivery tag is counted. A full queue (a writer that cannot write)
+        # drops the beat at once. Every DRAIN_EVERY-th beat, and ``left`` (the connection
+        # closes right after it), waits until the writer has written it and the socket's
+        # buffer is below its high-water mark: while a peer does not read (a broker blocking
+        # publishers, a stalled network), that wait holds the writer, the queue (10 frames)
+        # fills, and further beats are dropped. What waits in memory stays bounded by the
+        # buffer's high-water mark (64 KiB) plus a few beats.
+        connection = channel.connection
+        queue = connection.write_queue
+        if queue.full():
             self.dropped += 1
-            log.debug("%r: heartbeat %d not written within %.2fs", self, self.seq, timeout_s)
+            log.debug("%r: heartbeat %d dropped: the connection's writer is behind", self, self.seq)
             return
+        drained: asyncio.Future[None] | None = None
+        if status == "left" or self.seq % DRAIN_EVERY == 0:
+            drained = asyncio.get_running_loop().create_future()
+        payload = self._payload(channel.number, body, _frame_room(connection))
+        queue.put_nowait(ChannelFrame(payload=payload, should_close=False, drain_future=drained))
+        if drained is not None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await drained
+            except TimeoutError:
+                self.dropped += 1
+                log.debug("%r: heartbeat %d not written within %.2fs", self, self.seq, timeout_s)
+                return
         self.sent += 1
+
+    def _static_meta(self) -> None:
+        """A dict meta: re-encoded (and checked) only when the host changed it in place."""
+        value = self._meta
+        if value is None or value == self._last_meta:
+            return
+        try:
+            copy = dict(value)  # type: ignore[arg-type]
+            self._last_meta_json = _encode_meta(copy)
+            self._last_meta = copy
+            self._meta_failing = False
+        except Exception as exc:
+            if not self._meta_failing:
+                log.warning("%r: meta is unusable (%s); sending the last good meta", self, exc)
+            self._meta_failing = True
+
+
+def _frame_room(connection: aiormq.abc.AbstractConnection) -> int:
+    """The most body bytes one content frame carries on ``connection`` (frame_max 0: no
+    limit). A frame adds 8 bytes to its payload."""
+    frame_max = connection.connection_tune.frame_max
+    return frame_max - 8 if frame_max else MAX_MESSAGE_BYTES
 
 
 class SyncHeartbeater:

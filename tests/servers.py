@@ -168,6 +168,11 @@ class PrivateRabbit:
         wait_port(self.port, 30)
         return self
 
+    def set_env(self, key: str, value: str) -> None:
+        """Set a ``rabbit`` application parameter on the running node, e.g. ``frame_max``
+        (connections opened afterwards negotiate with it)."""
+        self._ctl("eval", f"application:set_env(rabbit, {key}, {value}).")
+
     def stop_app(self) -> None:
         self._ctl("stop_app")
         wait_port(self.port, 30, up=False)

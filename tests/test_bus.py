@@ -7,12 +7,14 @@ import time
 
 import orjson
 
+from hbbus.amqp import connect
 from hbbus.client import Heartbeater
 from hbbus.settings import Settings
 from hbbus.store import Store
 from hbbus.wire import Heartbeat
 from tests.conftest import FAST
 from tests.helpers import EventSink, start_fleet, wait_until
+from workers.aggregator import direct_delivery
 
 INTERVAL_S = 0.2
 MISSES = 3
@@ -180,3 +182,30 @@ async def test_sink_helper_sees_only_its_namespace(settings, base_settings, aggr
         from tests.helpers import drop_namespace
 
         await drop_namespace(other)
+
+
+async def test_direct_delivery_hands_every_message_to_the_aggregator(settings):
+    """The aggregator takes deliveries from the channel's reader (no task per delivery): with
+    the pinned aiormq the hook installs, every message arrives whole and in order, and the
+    consumer callback (aiormq's task path) is never used."""
+    connection = await connect(settings, "test-direct-delivery", robust=False)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        raw = await channel.get_underlay_channel()
+        taken: list = []
+        called: list = []
+
+        async def callback(message: object) -> None:
+            called.append(message)
+
+        assert direct_delivery(raw, taken.append), "the hook did not install on this aiormq"
+        await raw.basic_consume(queue.name, callback)
+        bodies = [b"x" * n for n in (0, 10, 300_000)]  # an empty body, and one of many frames
+        for body in bodies:
+            await raw.basic_publish(body, routing_key=queue.name)
+        await wait_until(lambda: len(taken) == len(bodies), 5, "three deliveries")
+        assert [m.body for m in taken] == bodies
+        assert [m.delivery_tag for m in taken] == [1, 2, 3]
+        await raw.basic_ack(taken[-1].delivery_tag, multiple=True)
+        assert called == []

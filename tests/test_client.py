@@ -101,3 +101,31 @@ async def test_a_heartbeater_can_be_stopped_and_started_again(settings):
         )
         assert beats[-1].status == "ok" and beats[-1].seq > beats[stopped_at - 1].seq
         await hb.stop()
+
+
+async def test_a_heartbeat_carries_its_amqp_properties(settings):
+    """The client writes its publish frames itself (hbbus.client._payload): the message
+    arrives transient, as JSON, with the beat's seq as its message id."""
+    connection, queue = await _reader(settings)
+    async with connection:
+        hb = Heartbeater("p", "p-1", interval_s=0.05, meta={"zone": "eu-1"}, settings=settings)
+        await hb.start()
+        try:
+            messages: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+            async def three() -> bool:
+                while (m := await queue.get(no_ack=True, fail=False)) is not None:
+                    messages.append(m)
+                return len(messages) >= 3
+
+            await wait_until(three, 5, "3 heartbeats")
+        finally:
+            await hb.stop(leave=False)
+    for message in messages:
+        beat = decode_heartbeat(message.body, message.routing_key)
+        assert (beat.service, beat.instance, beat.meta) == ("p", "p-1", {"zone": "eu-1"})
+        assert message.routing_key == "hb.p.p-1"
+        assert message.content_type == "application/json"
+        assert message.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
+        assert message.message_id == str(beat.seq)
+        assert message.exchange == Names(settings.namespace).heartbeats_exchange

@@ -264,3 +264,27 @@ async def test_raising_meta_does_not_stop_heartbeats(settings, readers, caplog, 
     assert sum("meta is unusable" in r.getMessage() for r in caplog.records) == 1
     last = await wait_until(lambda: _last_status(reader, "left"), 5, "the `left` heartbeat")
     assert last.meta == expected
+
+
+async def test_a_large_meta_goes_out_in_several_body_frames(private_rabbit, readers):
+    """The client marshals its own publish frames: a body larger than the connection's
+    frame_max is split across body frames, and the broker takes it whole."""
+    settings = Settings(amqp_url=private_rabbit.url, namespace=f"t-frames-{secrets.token_hex(3)}")
+    private_rabbit.set_env("frame_max", "4096")  # the least AMQP allows
+    try:
+        reader = await readers(settings)
+        assert reader.connection is not None
+        tune = reader.connection.transport.connection.connection_tune  # type: ignore[union-attr]
+        assert tune.frame_max == 4096, "the node did not take the smaller frame_max"
+        meta = {"blob": "x" * 6000, "zone": "eu-1"}
+        hb = Heartbeater("big", "big-1", interval_s=INTERVAL_S, meta=meta, settings=settings)
+        await hb.start()
+        try:
+            beats = await wait_until(lambda: _at_least(reader, 3), 10, "3 large heartbeats")
+        finally:
+            await hb.stop()
+    finally:
+        private_rabbit.set_env("frame_max", "131072")
+    assert all(b.meta == meta for b in beats)
+    assert hb.dropped == 0
+    assert_in_order(beats)

@@ -26,12 +26,14 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractExchange
 from aiormq.abc import DeliveredMessage, FieldValue
+from pamqp.header import ContentHeader
 from redis.exceptions import RedisError
 
 from hbbus import metrics
@@ -94,6 +96,31 @@ def event_kind(routing_key: str) -> str:
 async def nack_all(last: DeliveredMessage) -> None:
     """Give back every unacked delivery on ``last``'s channel, up to ``last``."""
     await last.channel.basic_nack(last.delivery_tag or 0, multiple=True, requeue=True)
+
+
+def direct_delivery(
+    channel: aiormq.abc.AbstractChannel, take: Callable[[DeliveredMessage], None]
+) -> bool:
+    """Hand ``channel``'s deliveries to ``take`` from its frame reader, instead of aiormq
+    starting a task per delivery for the consumer callback (that task, with its bookkeeping,
+    cost about a tenth of the aggregator's CPU). ``take`` must not block. Uses the channel's
+    protected per-delivery hook; where an aiormq lacks it, nothing changes and the consumer
+    callback gets the deliveries. True if installed."""
+    get_frame = getattr(channel, "_get_frame", None)
+    read_content = getattr(channel, "_read_content", None)
+    if not (callable(get_frame) and callable(read_content)) or not hasattr(
+        channel, "_on_deliver_frame"
+    ):
+        return False
+
+    async def on_deliver(frame: aiormq.spec.Basic.Deliver) -> None:
+        header = await get_frame()
+        if not isinstance(header, ContentHeader):
+            raise ValueError(f"unexpected frame {header!r} instead of a content header")
+        take(await read_content(frame, header))
+
+    setattr(channel, "_on_deliver_frame", on_deliver)  # noqa: B010 (a protected hook)
+    return True
 
 
 def worker_name(role: str) -> str:
@@ -243,6 +270,8 @@ class Aggregator:
         assert self._consume_channel is not None and self._queue is not None
         self._consuming = True
         channel = await self._consume_channel.get_underlay_channel()
+        if not direct_delivery(channel, self._take):
+            log.info("this aiormq has no per-delivery hook: deliveries go through tasks")
         ok = await channel.basic_consume(self._queue.name, self._on_message)
         self._consumer_tag = ok.consumer_tag
 
@@ -263,9 +292,12 @@ class Aggregator:
             await self._consume()
             log.warning("aggregator %s consuming again after a reconnect", self.name)
 
-    async def _on_message(self, message: DeliveredMessage) -> None:
+    def _take(self, message: DeliveredMessage) -> None:
         self._buffer.append(message)
         self._wake.set()
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        self._take(message)
 
     async def _ingest_loop(self, store: Store) -> None:
         while True:
