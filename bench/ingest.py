@@ -281,7 +281,7 @@ async def purge(settings: Settings) -> None:
 
 
 async def steady(settings: Settings, quick: bool) -> list[Row]:
-    rates = [1000, 2000, 4000, 6000, 8000, 10000, 12000, 14000, 17000, 20000]
+    rates = [1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000, 14000, 17000, 20000]
     seconds, instances = (3.0, 2000) if quick else (6.0, 5000)
     await declare(settings)
     print(f"  steady state ({seconds:g} s per rate, {instances} instances), one aggregator:")

@@ -132,7 +132,11 @@ class Heartbeater:
         self._task: asyncio.Task[None] | None = None
         self._exchange = self.names.heartbeats_exchange
         self._routing_key = Names.heartbeat_routing_key(self.service, self.instance)
-        self._publish_frame: tuple[int, bytes] = (-1, b"")  # (channel number, marshalled)
+        # marshalled frames of the current channel (_payload): its number, the Basic.Publish
+        # frame, and a content header per body size
+        self._frames_of = -1
+        self._method_frame = b""
+        self._headers: dict[int, bytes] = {}
 
     def __repr__(self) -> str:
         return (
@@ -309,22 +313,30 @@ class Heartbeater:
 
     def _payload(self, number: int, body: bytes, room: int) -> bytes:
         """The AMQP frames of this beat's publish on channel ``number``, marshalled by pamqp:
-        Basic.Publish (the same for every beat, marshalled once), the content header, and the
-        body in frames of at most ``room`` bytes (one, for any heartbeat of typical size)."""
-        if self._publish_frame[0] != number:
+        Basic.Publish, the content header (both the same for every beat of a body size on a
+        channel: marshalled once and kept), and the body in frames of at most ``room`` bytes
+        (one, for any heartbeat of typical size). No ``message_id``: the body's seq is the
+        heartbeat's identity."""
+        if self._frames_of != number:
+            self._frames_of, self._headers = number, {}
             method = aiormq.spec.Basic.Publish(
                 exchange=self._exchange, routing_key=self._routing_key
             )
-            self._publish_frame = (number, pamqp.frame.marshal(method, number))
-        header = pamqp.header.ContentHeader(
-            body_size=len(body),
-            properties=aiormq.spec.Basic.Properties(
-                content_type="application/json",
-                delivery_mode=1,  # not persistent: a heartbeat is news only now
-                message_id=str(self.seq),
-            ),
-        )
-        frames = [self._publish_frame[1], pamqp.frame.marshal(header, number)]
+            self._method_frame = pamqp.frame.marshal(method, number)
+        size = len(body)
+        header = self._headers.get(size)
+        if header is None:
+            if len(self._headers) >= 64:  # a meta that keeps changing size
+                self._headers.clear()
+            content = pamqp.header.ContentHeader(
+                body_size=size,
+                properties=aiormq.spec.Basic.Properties(
+                    content_type="application/json",
+                    delivery_mode=1,  # not persistent: a heartbeat is news only now
+                ),
+            )
+            header = self._headers[size] = pamqp.frame.marshal(content, number)
+        frames = [self._method_frame, header]
         for start in range(0, len(body), room):
             chunk = pamqp.body.ContentBody(body[start : start + room])
             frames.append(pamqp.frame.marshal(chunk, number))
@@ -353,22 +365,27 @@ class Heartbeater:
         # closes right after it), waits until the writer has written it and the socket's
         # buffer is below its high-water mark: while a peer does not read (a broker blocking
         # publishers, a stalled network), that wait holds the writer, the queue (10 frames)
-        # fills, and further beats are dropped. What waits in memory stays bounded by the
-        # buffer's high-water mark (64 KiB) plus a few beats.
+        # fills, and further beats are dropped (``left`` waits for room, within its timeout).
+        # What waits in memory stays bounded by the buffer's high-water mark (64 KiB) plus a
+        # few beats. The drain future belongs to the channel: its closing fails the wait at
+        # once (the session then reconnects) instead of letting it run into the timeout.
         connection = channel.connection
         queue = connection.write_queue
-        if queue.full():
+        if queue.full() and status != "left":
             self.dropped += 1
             log.debug("%r: heartbeat %d dropped: the connection's writer is behind", self, self.seq)
             return
         drained: asyncio.Future[None] | None = None
         if status == "left" or self.seq % DRAIN_EVERY == 0:
-            drained = asyncio.get_running_loop().create_future()
+            drained = channel.create_future()
         payload = self._payload(channel.number, body, _frame_room(connection))
-        queue.put_nowait(ChannelFrame(payload=payload, should_close=False, drain_future=drained))
-        if drained is not None:
+        frame = ChannelFrame(payload=payload, should_close=False, drain_future=drained)
+        if drained is None:
+            queue.put_nowait(frame)  # not full: nothing ran since the check
+        else:
             try:
                 async with asyncio.timeout(timeout_s):
+                    await queue.put(frame)
                     await drained
             except TimeoutError:
                 self.dropped += 1
@@ -377,14 +394,17 @@ class Heartbeater:
         self.sent += 1
 
     def _static_meta(self) -> None:
-        """A dict meta: re-encoded (and checked) only when the host changed it in place."""
+        """:meth:`_resolve_meta` for a dict meta, without a coroutine: encoded (and checked)
+        every beat, so a change in place, nested or not, goes out with the next beat; the
+        copy is made only when the encoding changed."""
         value = self._meta
-        if value is None or value == self._last_meta:
+        if value is None:
             return
         try:
-            copy = dict(value)  # type: ignore[arg-type]
-            self._last_meta_json = _encode_meta(copy)
-            self._last_meta = copy
+            encoded = _encode_meta(value)
+            if encoded != self._last_meta_json:
+                self._last_meta = dict(value)  # type: ignore[arg-type]
+                self._last_meta_json = encoded
             self._meta_failing = False
         except Exception as exc:
             if not self._meta_failing:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -172,6 +173,21 @@ class PrivateRabbit:
         """Set a ``rabbit`` application parameter on the running node, e.g. ``frame_max``
         (connections opened afterwards negotiate with it)."""
         self._ctl("eval", f"application:set_env(rabbit, {key}, {value}).")
+
+    def get_env(self, key: str) -> str:
+        """A ``rabbit`` application parameter of the running node, as Erlang prints it."""
+        out = subprocess.run(
+            ["rabbitmqctl", "-n", self.node, "eval", f"application:get_env(rabbit, {key})."],
+            env=self._env(),
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
+        match = re.fullmatch(r"\{ok,(.*)\}", out)
+        if match is None:
+            raise RuntimeError(f"rabbit {key} is not set on {self.node}: {out!r}")
+        return match.group(1)
 
     def stop_app(self) -> None:
         self._ctl("stop_app")

@@ -184,10 +184,11 @@ async def test_sink_helper_sees_only_its_namespace(settings, base_settings, aggr
         await drop_namespace(other)
 
 
-async def test_direct_delivery_hands_every_message_to_the_aggregator(settings):
-    """The aggregator takes deliveries from the channel's reader (no task per delivery): with
-    the pinned aiormq the hook installs, every message arrives whole and in order, and the
-    consumer callback (aiormq's task path) is never used."""
+async def test_direct_delivery_hands_every_message_to_take(settings):
+    """The aggregator's delivery hook (no task per delivery): with the installed aiormq it
+    installs, every message arrives whole and in order, and the consumer callback (aiormq's
+    task path) is never used. The aggregator installs it on each channel it consumes on,
+    the reopened one included (workers/aggregator.py, Aggregator._consume)."""
     connection = await connect(settings, "test-direct-delivery", robust=False)
     async with connection:
         channel = await connection.channel()

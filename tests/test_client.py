@@ -105,7 +105,7 @@ async def test_a_heartbeater_can_be_stopped_and_started_again(settings):
 
 async def test_a_heartbeat_carries_its_amqp_properties(settings):
     """The client writes its publish frames itself (hbbus.client._payload): the message
-    arrives transient, as JSON, with the beat's seq as its message id."""
+    arrives transient, as JSON, without a message id (the body's seq identifies a beat)."""
     connection, queue = await _reader(settings)
     async with connection:
         hb = Heartbeater("p", "p-1", interval_s=0.05, meta={"zone": "eu-1"}, settings=settings)
@@ -127,5 +127,29 @@ async def test_a_heartbeat_carries_its_amqp_properties(settings):
         assert message.routing_key == "hb.p.p-1"
         assert message.content_type == "application/json"
         assert message.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
-        assert message.message_id == str(beat.seq)
+        assert message.message_id is None  # the body's seq identifies a beat
         assert message.exchange == Names(settings.namespace).heartbeats_exchange
+
+
+async def test_a_nested_change_in_a_dict_meta_goes_out(settings):
+    """A dict meta is read every beat: a value changed in place deep inside it, or to one
+    that compares equal but encodes differently (1 -> True), goes out with the next beats."""
+    connection, queue = await _reader(settings)
+    meta = {"stats": {"load": 1}}
+    beats: list = []
+    async with connection:
+        hb = Heartbeater("n", "n-1", interval_s=0.05, meta=meta, settings=settings)
+        await hb.start()
+        try:
+            await wait_until(lambda: _has_meta(queue, beats, {"stats": {"load": 1}}), 5, "meta")
+            meta["stats"]["load"] = True  # == 1 in Python, but `true` in JSON
+
+            async def sends_true() -> bool:
+                await _read(queue, beats)
+                return bool(beats) and beats[-1].meta["stats"]["load"] is True
+
+            await wait_until(sends_true, 5, "load: true")
+            meta["stats"]["load"] = 2
+            await wait_until(lambda: _has_meta(queue, beats, {"stats": {"load": 2}}), 5, "load 2")
+        finally:
+            await hb.stop(leave=False)

@@ -270,6 +270,7 @@ async def test_a_large_meta_goes_out_in_several_body_frames(private_rabbit, read
     """The client marshals its own publish frames: a body larger than the connection's
     frame_max is split across body frames, and the broker takes it whole."""
     settings = Settings(amqp_url=private_rabbit.url, namespace=f"t-frames-{secrets.token_hex(3)}")
+    before = private_rabbit.get_env("frame_max")
     private_rabbit.set_env("frame_max", "4096")  # the least AMQP allows
     try:
         reader = await readers(settings)
@@ -284,7 +285,7 @@ async def test_a_large_meta_goes_out_in_several_body_frames(private_rabbit, read
         finally:
             await hb.stop()
     finally:
-        private_rabbit.set_env("frame_max", "131072")
+        private_rabbit.set_env("frame_max", before)
     assert all(b.meta == meta for b in beats)
     assert hb.dropped == 0
     assert_in_order(beats)

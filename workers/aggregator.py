@@ -103,13 +103,19 @@ def direct_delivery(
 ) -> bool:
     """Hand ``channel``'s deliveries to ``take`` from its frame reader, instead of aiormq
     starting a task per delivery for the consumer callback (that task, with its bookkeeping,
-    cost about a tenth of the aggregator's CPU). ``take`` must not block. Uses the channel's
-    protected per-delivery hook; where an aiormq lacks it, nothing changes and the consumer
-    callback gets the deliveries. True if installed."""
+    cost about a tenth of the aggregator's CPU). ``take`` must not block. Deliveries for a
+    consumer tag the channel does not know are dropped, and an exception from ``take`` is
+    logged, as aiormq does for its callbacks. Uses the channel's protected per-delivery hook
+    (aiormq 7.2; ``tests/test_bus.py`` checks it installs); where an aiormq lacks it, nothing
+    changes and the consumer callback gets the deliveries. True if installed."""
+    consumers = getattr(channel, "consumers", None)
     get_frame = getattr(channel, "_get_frame", None)
     read_content = getattr(channel, "_read_content", None)
-    if not (callable(get_frame) and callable(read_content)) or not hasattr(
-        channel, "_on_deliver_frame"
+    if not (
+        isinstance(consumers, dict)
+        and callable(get_frame)
+        and callable(read_content)
+        and hasattr(channel, "_on_deliver_frame")
     ):
         return False
 
@@ -117,7 +123,13 @@ def direct_delivery(
         header = await get_frame()
         if not isinstance(header, ContentHeader):
             raise ValueError(f"unexpected frame {header!r} instead of a content header")
-        take(await read_content(frame, header))
+        message = await read_content(frame, header)
+        if frame.consumer_tag not in consumers:
+            return  # as aiormq does: not (or no longer) a consumer of this channel
+        try:
+            take(message)
+        except Exception:  # as aiormq does: a failing callback must not close the channel
+            log.exception("taking a delivery failed")
 
     setattr(channel, "_on_deliver_frame", on_deliver)  # noqa: B010 (a protected hook)
     return True
