@@ -33,7 +33,7 @@ lint: install
 	$(BIN)/mypy hbbus workers cli
 
 bench: install servers
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/all.py $(BENCH_ARGS)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

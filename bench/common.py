@@ -101,7 +101,9 @@ async def namespace(tag: str, extra_queues: Sequence[str] = ()) -> AsyncIterator
     try:
         yield settings
     finally:
-        await drop_namespace(settings, [*extra_queues, f"{settings.namespace}.null"])
+        # the do-nothing consumers' queues (bench/ingest.py) go with it
+        null = [f"{settings.namespace}.null", f"{settings.namespace}.null2"]
+        await drop_namespace(settings, [*extra_queues, *null])
 
 
 # -- results -------------------------------------------------------------------------------

@@ -272,32 +272,47 @@ class Heartbeater:
             timer.cancel()
             self._wake = None
 
-    async def _resolve_meta(self) -> Meta:
-        """This beat's meta: the dict (copied and checked) or the callable's answer; whatever
-        fails — the callable raising, a value that is not a JSON object — keeps the last good
-        meta, logged once per failure streak. The host's meta can never stop heartbeats."""
-        source = self._meta
+    async def _resolve_meta(self) -> None:
+        """This beat's meta from a callable: its answer (awaited within half the interval),
+        then :meth:`_take_meta`. Whatever fails keeps the last good meta, logged once per
+        failure streak; :class:`SkipBeat` skips the beat."""
         try:
-            value = source() if callable(source) else source
+            value = self._meta()  # type: ignore[misc, operator]
             if inspect.isawaitable(value):
                 async with asyncio.timeout(self.interval_s / 2):
                     value = await value
-            if value is not None:  # encoded once per beat: the check and the message share it
-                copy = dict(value) if isinstance(value, dict) else value
-                self._last_meta_json = _encode_meta(copy)
-                self._last_meta = copy
-            self._meta_failing = False
         except SkipBeat:
             raise
         except Exception as exc:
-            if not self._meta_failing:
-                log.warning("%r: meta is unusable (%s); sending the last good meta", self, exc)
-            self._meta_failing = True
-        return self._last_meta
+            self._meta_unusable(exc)
+            return
+        self._take_meta(value)
+
+    def _take_meta(self, value: Any) -> None:
+        """Make ``value`` (a dict, or None: keep the last) the meta of the next beats. It is
+        encoded and checked every beat, so a change in place, nested or not, goes out with the
+        next beat; the copy is made only when the encoding changed. The host's meta can never
+        stop heartbeats: one that cannot be encoded keeps the last good meta."""
+        if value is None:
+            self._meta_failing = False
+            return
+        try:
+            encoded = _encode_meta(value)
+            if encoded != self._last_meta_json:
+                self._last_meta = dict(value)
+                self._last_meta_json = encoded
+            self._meta_failing = False
+        except Exception as exc:
+            self._meta_unusable(exc)
+
+    def _meta_unusable(self, exc: Exception) -> None:
+        if not self._meta_failing:
+            log.warning("%r: meta is unusable (%s); sending the last good meta", self, exc)
+        self._meta_failing = True
 
     def body(self, status: str) -> bytes:
         """The next heartbeat's message body (advances ``seq``), with the meta of the last
-        :meth:`_resolve_meta`."""
+        :meth:`_take_meta`."""
         self.seq += 1
         return Heartbeat(
             self.service,
@@ -347,7 +362,7 @@ class Heartbeater:
             if callable(self._meta):
                 await self._resolve_meta()
             else:
-                self._static_meta()
+                self._take_meta(self._meta)
         except SkipBeat as exc:
             self.skipped += 1
             log.debug("%r: beat skipped: %s", self, exc)
@@ -392,24 +407,6 @@ class Heartbeater:
                 log.debug("%r: heartbeat %d not written within %.2fs", self, self.seq, timeout_s)
                 return
         self.sent += 1
-
-    def _static_meta(self) -> None:
-        """:meth:`_resolve_meta` for a dict meta, without a coroutine: encoded (and checked)
-        every beat, so a change in place, nested or not, goes out with the next beat; the
-        copy is made only when the encoding changed."""
-        value = self._meta
-        if value is None:
-            return
-        try:
-            encoded = _encode_meta(value)
-            if encoded != self._last_meta_json:
-                self._last_meta = dict(value)  # type: ignore[arg-type]
-                self._last_meta_json = encoded
-            self._meta_failing = False
-        except Exception as exc:
-            if not self._meta_failing:
-                log.warning("%r: meta is unusable (%s); sending the last good meta", self, exc)
-            self._meta_failing = True
 
 
 def _frame_room(connection: aiormq.abc.AbstractConnection) -> int:

@@ -33,7 +33,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -531,15 +530,16 @@ async def dlq_messages(
             )
             if replay:
                 headers[ATTEMPT_HEADER] = 0
-                await channel.default_exchange.publish(
-                    aio_pika.Message(
-                        message.body,
-                        headers=headers,
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        content_type=message.content_type,
-                    ),
+                # mandatory, confirmed: a group queue that is gone refuses it (DeliveryFailed)
+                # and the message stays in the DLQ
+                await publish_confirmed(
+                    channel.default_exchange,
+                    message.body,
                     names.failover_queue(group),
-                    timeout=10,
+                    message_id=message.message_id,
+                    kind=message.type,
+                    headers=headers,
+                    content_type=message.content_type,
                 )
                 await message.ack()
         # without replay, the unacked messages go back to the DLQ when the channel closes

@@ -159,8 +159,7 @@ class RoutingTable:
             n.routed_services_key,
             n.alive_key(service, instance),
         ]
-        now_ms = int(time.time() * 1000)
-        out: Any = await self._script(keys=keys, args=[op, service, instance, now_ms, *args])
+        out: Any = await self._script(keys=keys, args=[op, service, instance, *args])
         if not isinstance(out, list):
             out = [out]
         return [x.decode() if isinstance(x, bytes) else x for x in out]
@@ -219,8 +218,10 @@ class RoutingTable:
         out = await self._run("commit", service, candidate, epoch, owner, old)
         return self._change(out) if out[0] else None
 
-    async def abort_promotion(self, service: str, epoch: int, owner: str) -> None:
-        await self._run("abort", service, "", epoch, owner)
+    async def abort_promotion(self, service: str, old: str, epoch: int, owner: str) -> None:
+        """Give the lock up without a promotion: ``old`` stays the primary, routable again if
+        it came back meanwhile and is alive."""
+        await self._run("abort", service, old, epoch, owner)
 
     async def promotion(self, service: str) -> dict[str, str]:
         raw: dict[bytes | str, bytes | str] = await self.redis.hgetall(  # type: ignore[misc]

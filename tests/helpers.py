@@ -199,6 +199,10 @@ async def running(*consumers: Any) -> AsyncIterator[None]:
         ready.cancel()
         if task.done():
             task.result()
+        if not consumer.ready.is_set():
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+            raise TimeoutError(f"{consumer!r} was not ready within 15 s")
     try:
         yield
     finally:

@@ -9,12 +9,13 @@ import orjson
 
 from hbbus.amqp import connect
 from hbbus.client import Heartbeater
+from hbbus.names import Names
 from hbbus.settings import Settings
 from hbbus.store import Store
 from hbbus.wire import Heartbeat
+from hbbus.workers.aggregator import direct_delivery
 from tests.conftest import FAST
 from tests.helpers import EventSink, start_fleet, wait_until
-from workers.aggregator import direct_delivery
 
 INTERVAL_S = 0.2
 MISSES = 3
@@ -210,3 +211,23 @@ async def test_direct_delivery_hands_every_message_to_take(settings):
         assert [m.delivery_tag for m in taken] == [1, 2, 3]
         await raw.basic_ack(taken[-1].delivery_tag, multiple=True)
         assert called == []
+
+
+async def test_the_aggregator_consumes_again_after_the_broker_cancels_it(
+    settings, aggregators, sink
+):
+    """The aggregator queue is deleted under a running aggregator (the broker cancels its
+    consumer): it declares the queue again and goes on applying heartbeats."""
+    [agg] = await aggregators(1)
+    first = await fleet(settings, "cancelled", 1)
+    await sink.wait_for("joined", count=1, timeout_s=10)
+    connection = await connect(settings, "test-delete-queue", robust=False)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(Names(settings.namespace).aggregator_queue)
+    later = await fleet(settings, "after", 1)
+    joined = await sink.wait_for("joined", count=2, timeout_s=10)
+    assert {e["service"] for e in joined} == {"cancelled", "after"}
+    assert agg.aggregator._consumer_tag is not None
+    for b in first + later:
+        await b.stop()

@@ -152,6 +152,23 @@ async def test_the_old_primary_returning_mid_promotion_is_fenced(table):
     assert entry.reason == "a promotion is replacing it"
 
 
+async def test_an_aborted_promotion_gives_the_returned_primary_back(table, settings):
+    """No replica to promote: the lock goes, and the old primary that came back meanwhile is
+    the routable primary again (its promotion fence does not outlive the promotion)."""
+    await table.upsert(event("joined", "a", 1, endpoint="h:1", role="primary"))
+    await table.remove("db", "a", "dead")
+    _, epoch, _, _ = await table.begin_promotion("db", "a", "w1", 5000)
+    await table.upsert(event("recovered", "a", 3, endpoint="h:1", role="primary"))
+    await table.redis.set(Names(settings.namespace).alive_key("db", "a"), 1, px=5000)
+    await table.abort_promotion("db", "a", epoch, "w2")  # not the holder: nothing changes
+    assert (await table.read("db")).entries["a"].fenced
+    await table.abort_promotion("db", "a", epoch, "w1")
+    after = await table.read("db")
+    assert after.primary == "a" and await table.promotion("db") == {}
+    entry = after.entries["a"]
+    assert entry.routable and not entry.fenced and entry.role == "primary"
+
+
 # -- strategies (no I/O) ----------------------------------------------------------------------
 def router_with(entries: list[Endpoint], strategy: str = "round_robin") -> Router:
     router = Router("db", settings=Settings(), strategy=strategy)

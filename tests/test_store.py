@@ -430,3 +430,32 @@ async def test_held_deaths_can_be_released_by_themselves_at_a_limited_rate(setti
         assert tripped["held"] == []
     finally:
         await store.close()
+
+
+async def test_an_upgraded_namespace_counts_its_members_for_the_guard(settings):
+    """A namespace that had instances before the `notalive` index existed (an upgrade) does
+    not trust its bound: 30 departed and 4 live instances, 3 of the 4 stop, and the guard
+    trips on the member count. (The bound, which misses the departures, says at most 7 of
+    34 failing: the deaths would go out.)"""
+    store = Store.from_settings(settings, StoreConfig(lease_ms=200))
+    try:
+        await ingest(store, *[hb(1, inst=f"u{i}") for i in range(34)])
+        await ingest(store, *[hb(2, inst=f"u{i}", status="left") for i in range(30)])
+        # as after an upgrade: neither the index nor its marker is there
+        await store.redis.delete(store.names.notalive_key)
+        await store.redis.hdel(store.names.observer_key, "notalive")
+        seq = itertools.count(3)
+        seen: list = []
+
+        async def judged() -> bool:
+            await ingest(store, hb(next(seq), inst="u30"))  # u30 beats on; u31..u33 stopped
+            result = await claim(store)
+            await store.finalize(e.id for e in result.events)
+            seen.extend(e.routing_key for e in result.events)
+            return any(k.startswith(("dead.", "mass-expiry.")) for k in seen)
+
+        await wait_until(judged, 5, "the stopped instances judged", poll_s=0.05)
+        assert "mass-expiry.service.svc" in seen
+        assert not [k for k in seen if k.startswith("dead.")], "held, not published"
+    finally:
+        await store.close()

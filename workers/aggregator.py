@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import aio_pika
 import aiormq
@@ -47,7 +48,7 @@ from hbbus.amqp import (
 )
 from hbbus.errors import DeliveryFailed, InvalidMessage
 from hbbus.names import Names
-from hbbus.runtime import sleep_or_stop, stop_reason
+from hbbus.runtime import sleep_or_stop, stop_reason, wait_event
 from hbbus.settings import Settings
 from hbbus.store import OutEvent, Store, StoreConfig
 from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_heartbeat, decode_probe, encode_probe
@@ -93,9 +94,17 @@ def event_kind(routing_key: str) -> str:
     return routing_key if routing_key.startswith("observer.") else routing_key.split(".", 1)[0]
 
 
+def delivery_tag(message: DeliveredMessage) -> int:
+    """A delivery's tag. Never 0: with ``multiple``, 0 means every unacked delivery, those
+    not yet in Redis included."""
+    if not message.delivery_tag:
+        raise ValueError(f"a delivery without a tag: {message!r}")
+    return message.delivery_tag
+
+
 async def nack_all(last: DeliveredMessage) -> None:
     """Give back every unacked delivery on ``last``'s channel, up to ``last``."""
-    await last.channel.basic_nack(last.delivery_tag or 0, multiple=True, requeue=True)
+    await last.channel.basic_nack(delivery_tag(last), multiple=True, requeue=True)
 
 
 def direct_delivery(
@@ -147,7 +156,7 @@ class EventPublisher:
         self.exchange = exchange
         self.store = store
 
-    async def _one(self, event: OutEvent) -> bool:
+    async def _one(self, event: OutEvent) -> None:
         await publish_confirmed(
             self.exchange,
             event.body.encode(),
@@ -155,7 +164,6 @@ class EventPublisher:
             message_id=event.id,
             kind=event_kind(event.routing_key),
         )
-        return True
 
     async def publish(self, events: Sequence[OutEvent]) -> int:
         """Publish, then finalise what the broker confirmed. Unconfirmed events stay in the
@@ -166,11 +174,11 @@ class EventPublisher:
                 result, (*AMQP_ERRORS, DeliveryFailed)
             ):
                 raise result
-        done = [e for e, ok in zip(events, results, strict=True) if ok is True]
-        failed = [e for e, ok in zip(events, results, strict=True) if ok is not True]
+        done = [e for e, ok in zip(events, results, strict=True) if ok is None]
+        failed = [e for e, ok in zip(events, results, strict=True) if ok is not None]
         if failed:
             metrics.PUBLISH_FAILURES.inc(len(failed))
-            errors = {repr(r) for r in results if r is not True}
+            errors = {repr(r) for r in results if r is not None}
             log.warning(
                 "%d of %d events not confirmed (%s); a reaper retries them in order",
                 len(failed),
@@ -208,6 +216,8 @@ class Aggregator:
         self._consume_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._consumer_tag: str | None = None
         self._consuming = False  # whether we mean to consume (the reopen callback reads it)
+        self._consume_lock = asyncio.Lock()
+        self._background: set[asyncio.Future[None]] = set()  # consuming again after a cancel
         self.redis_ok = True
         self._clock_offset_ms = 0.0
 
@@ -278,14 +288,43 @@ class Aggregator:
 
     # -- ingest ------------------------------------------------------------------------------
     async def _consume(self) -> None:
-        """Start consuming the aggregator queue on the robust channel's current aiormq channel."""
+        """Consume the aggregator queue on the robust channel's current aiormq channel, unless
+        our consumer is already on it (a reconnect and the end of a Redis outage can both get
+        here at once: one consumer, never two)."""
         assert self._consume_channel is not None and self._queue is not None
         self._consuming = True
-        channel = await self._consume_channel.get_underlay_channel()
-        if not direct_delivery(channel, self._take):
-            log.info("this aiormq has no per-delivery hook: deliveries go through tasks")
-        ok = await channel.basic_consume(self._queue.name, self._on_message)
-        self._consumer_tag = ok.consumer_tag
+        async with self._consume_lock:
+            channel = cast(aiormq.Channel, await self._consume_channel.get_underlay_channel())
+            if self._consumer_tag is not None and self._consumer_tag in channel.consumers:
+                return
+            if not direct_delivery(channel, self._take):
+                log.info("this aiormq has no per-delivery hook: deliveries go through tasks")
+            channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
+            ok = await channel.basic_consume(self._queue.name, self._on_message)
+            self._consumer_tag = ok.consumer_tag
+
+    def _on_cancelled(self, frame: aiormq.spec.Basic.Cancel) -> None:
+        """The broker cancelled our consumer (the queue was deleted, its node went away): the
+        robust channel does not know this consumer, so declare the queue and consume again
+        here, in a task (this runs inside the channel's reader)."""
+        if frame.consumer_tag != self._consumer_tag or not self._consuming:
+            return
+        self._consumer_tag = None
+        log.warning("aggregator %s: the broker cancelled its consumer; consuming again", self.name)
+        task = asyncio.ensure_future(self._consume_again())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _consume_again(self) -> None:
+        while self._consuming and not self._stopping.is_set():
+            try:
+                assert self._consume_channel is not None
+                self._queue = await declare_ingest(self._consume_channel, self.names)
+                await self._consume()
+                return
+            except AMQP_ERRORS as exc:
+                log.warning("aggregator %s: consuming again failed (%s)", self.name, exc)
+                await sleep_or_stop(self._stopping, 1.0)
 
     async def _cancel(self) -> None:
         self._consuming = False
@@ -298,10 +337,15 @@ class Aggregator:
 
     async def _on_reopen(self, *_: object) -> None:
         """The robust connection reopened the channel: what was in hand went back to the
-        queue with the old channel; consume again on the new one."""
+        queue with the old channel; consume again on the new one. (aio-pika drops what a
+        reopen callback raises: log it here.)"""
         self._buffer = []
         if self._consuming and not self._stopping.is_set():
-            await self._consume()
+            try:
+                await self._consume()
+            except Exception:
+                log.exception("aggregator %s could not consume again after a reconnect", self.name)
+                raise
             log.warning("aggregator %s consuming again after a reconnect", self.name)
 
     def _take(self, message: DeliveredMessage) -> None:
@@ -340,7 +384,7 @@ class Aggregator:
         last = batch[-1]
         try:
             if parked:
-                await last.channel.basic_ack(last.delivery_tag or 0, multiple=True)
+                await last.channel.basic_ack(delivery_tag(last), multiple=True)
             else:  # redelivered: the valid ones are then stale (seq), the invalid parked again
                 await nack_all(last)
         except AMQP_ERRORS as exc:  # the channel went away: the broker redelivers; seq dedupes
@@ -486,6 +530,4 @@ class Aggregator:
             await sleep_or_stop(self._stopping, min(max_sleep_s, max(0.002, wait_s)))
             return
         self._watermark_moved.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.config.probe_interval_ms / 1000):
-                await self._watermark_moved.wait()
+        await wait_event(self._watermark_moved, self.config.probe_interval_ms / 1000)

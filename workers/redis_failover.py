@@ -30,7 +30,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from hbbus import failpoints
-from hbbus.errors import ActionFailed, ConfigError
+from hbbus.amqp import AMQP_ERRORS
+from hbbus.errors import ActionFailed, ConfigError, HbbusError
 from hbbus.failover import Action, FailoverConsumer
 from hbbus.routing import Change, Endpoint, RoutingTable, Table
 from hbbus.settings import parse_addr
@@ -124,7 +125,7 @@ class RedisPromoteAction(Action):
             primary = table.entries.get(table.primary)
             if primary is not None and primary.reason == "dead":
                 log.warning("redis %s: %s", self.service, await self.promote(table.primary))
-        except Exception as exc:  # the next event, or the next start, tries again
+        except (HbbusError, RedisError, *AMQP_ERRORS) as exc:  # the next event tries again
             log.error("redis %s: catch-up at start failed: %s", self.service, exc)
 
     @property
@@ -250,7 +251,7 @@ class RedisPromoteAction(Action):
         infos = await asyncio.gather(*(self._usable(e) for e in replicas))
         live = [(e, i) for e, i in zip(replicas, infos, strict=True) if i is not None]
         if not live:
-            await self.table.abort_promotion(self.service, epoch, self.consumer.token)
+            await self.table.abort_promotion(self.service, old, epoch, self.consumer.token)
             raise ActionFailed(f"{self.service}: no live replica to promote")
         return min(live, key=lambda pair: (-offset_of(pair[1]), pair[0].instance))
 
@@ -295,8 +296,9 @@ class RedisPromoteAction(Action):
         if change is None:
             return what  # no meta.endpoint: not routed
         await self._announce(event.instance, change, what)
-        if await self.table.promotion(self.service):
-            raise ActionFailed(f"a promotion of {self.service} is in progress; looking again")
+        promotion = await self.table.promotion(self.service)
+        if promotion:  # another worker's (busy: retried), or one given up: finish it
+            log.warning("redis %s: %s", self.service, await self.promote(promotion["old"]))
         table = await self.table.read(self.service)
         primary = table.entries.get(table.primary)
         if primary is not None and primary.reason == "dead" and table.primary != event.instance:

@@ -56,7 +56,16 @@ for i = 1, #entries, 2 do
 end
 if wm == 0 then wm = nil end  -- a live aggregator that has not caught up yet holds everything
 
-local obs = redis.call('HMGET', K_OBSERVER, 'state', 'since', 'last_wm', 'recovered_at')
+local obs = redis.call('HMGET', K_OBSERVER, 'state', 'since', 'last_wm', 'recovered_at',
+  'notalive')
+-- Whether K_NOTALIVE holds every instance that is not alive: from a namespace's start on (the
+-- scripts keep it up to date). A namespace that already had instances when it came in (an
+-- upgrade from a version without it) never relies on it: its guard counts member by member.
+local notalive_complete = obs[5] == 'complete'
+if not notalive_complete and redis.call('SCARD', K_INSTANCES) == 0 then
+  redis.call('HSET', K_OBSERVER, 'notalive', 'complete')
+  notalive_complete = true
+end
 local last_wm = math.min(tonumber(obs[3]) or NOW, NOW)  -- a new namespace starts caught up
 if wm and wm > last_wm then last_wm = math.min(wm, NOW) end
 redis.call('HSET', K_OBSERVER, 'last_wm', string.format('%d', last_wm), 'live', live)
@@ -115,13 +124,16 @@ end
 local function failing_in(scope, dying)
   local total, failing, names = 0, 0, {}
   for _, m in ipairs(redis.call('SMEMBERS', members_key(scope))) do
-    local f = redis.call('HMGET', P .. 'inst:' .. m, 'state', 'since', 'last', 'ivl', 'ttl', 'sus')
+    local f = redis.call('HMGET', P .. 'inst:' .. m, 'state', 'since')
     local recent = f[1] == 'dead' and tonumber(f[2]) > NOW - MASS_WINDOW
     if f[1] == 'alive' or f[1] == 'suspect' or recent then
       total = total + 1
       -- overdue counts as failing even before the reaper got to it (after a long hold, a
-      -- whole burst can become due in one step)
-      local overdue = f[1] == 'alive' and next_due('alive', tonumber(f[3]), f[4], f[5], f[6]) <= NOW
+      -- whole burst can become due in one step). Overdue is what the deadline index says
+      -- (an instance in grace after an observer outage is not), the same index the bound in
+      -- cannot_trip counts.
+      local due = f[1] == 'alive' and redis.call('ZSCORE', K_DEADLINES, m)
+      local overdue = due and tonumber(due) <= NOW
       if f[1] ~= 'alive' or overdue or m == dying then
         failing = failing + 1
         names[#names + 1] = m
@@ -163,6 +175,7 @@ local untripped = {}
 -- these bounds leave the question open is counted member by member (a small service, or a
 -- real wave), so a death in a 100k-instance service costs a few ZCOUNTs, not 100k reads.
 local function cannot_trip(scope)
+  if not notalive_complete then return false end
   local failing = redis.call('ZCOUNT', K_NOTALIVE, '(' .. (NOW - MASS_WINDOW), '+inf')
     + redis.call('ZCOUNT', K_DEADLINES, '-inf', NOW) + 1
   if failing < MASS_MIN then return true end

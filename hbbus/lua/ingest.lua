@@ -165,7 +165,7 @@ for i = 0, n - 1 do
       fields[#fields + 1] = 'ttl'
       fields[#fields + 1] = ttl
     end
-    if sus ~= (cur[17] or '') then
+    if tostring(sus) ~= (cur[17] or '') then  -- sus is a number when adapted
       fields[#fields + 1] = 'sus'
       fields[#fields + 1] = sus
     end

@@ -3,18 +3,20 @@
 --
 -- KEYS[1] routes hash (instance -> JSON entry)   KEYS[2] state hash (version, epoch, primary)
 -- KEYS[3] promotion hash                          KEYS[4] index set of routed services
--- KEYS[5] alive key of the instance (begin only)
--- ARGV[1] operation   ARGV[2] service   ARGV[3] instance   ARGV[4] now (ms)   ARGV[5..] below
+-- KEYS[5] alive key of the instance (begin and abort)
+-- ARGV[1] operation   ARGV[2] service   ARGV[3] instance   ARGV[4..] below
 --
 -- Safety rule: at most one entry is a routable primary, the state's `primary`; an instance that
 -- claims to be primary while another one is (an old primary back from the dead) is fenced, not
 -- routable, until a promotion action made it a replica (`unfence`).
 
 local OP, SVC, INST = ARGV[1], ARGV[2], ARGV[3]
--- Redis time, one clock for every worker (ARGV[4], the caller's clock, is not used for leases)
+-- Redis time, one clock for every worker
 local T = redis.call('TIME')
 local NOW = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
 local K_ROUTES, K_STATE, K_PROMO, K_INDEX = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+-- the reason of the fence on a dead primary that came back while a promotion replaces it
+local PROMOTING = 'a promotion is replacing it'
 
 local function load_entry(inst)
   local raw = redis.call('HGET', K_ROUTES, inst)
@@ -54,11 +56,11 @@ local function result(changed, version)
   return {changed, version, epoch, primary}
 end
 
--- ARGV[5] endpoint  [6] role  [7] weight  [8] load ('' none)  [9] event ord
+-- ARGV[4] endpoint  [5] role  [6] weight  [7] load ('' none)  [8] event ord
 local function upsert()
   local old = load_entry(INST)
   local primary, epoch = state()
-  local role, ord = ARGV[6], tonumber(ARGV[9])
+  local role, ord = ARGV[5], tonumber(ARGV[8])
   -- a promotion made this instance a replica after the state this event describes
   if role == 'primary' and old and old.cleared_ord and ord <= old.cleared_ord then
     role = 'replica'
@@ -71,7 +73,7 @@ local function upsert()
   -- the dead primary a promotion is replacing: never routable again until made a replica
   local promo_old = redis.call('HGET', K_PROMO, 'old')
   if promo_old == INST and not fenced then
-    fenced, reason = true, 'a promotion is replacing it'
+    fenced, reason = true, PROMOTING
   end
   if role == 'primary' and not fenced then
     if primary == '' then
@@ -82,9 +84,9 @@ local function upsert()
       reason = 'claims primary while ' .. primary .. ' is (epoch ' .. epoch .. ')'
     end
   end
-  local e = {endpoint = ARGV[5], role = role, weight = tonumber(ARGV[7]),
+  local e = {endpoint = ARGV[4], role = role, weight = tonumber(ARGV[6]),
     routable = not fenced, fenced = fenced, reason = reason, ord = ord}
-  if ARGV[8] ~= '' then e.load = tonumber(ARGV[8]) end
+  if ARGV[7] ~= '' then e.load = tonumber(ARGV[7]) end
   if old then e.cleared_ord = old.cleared_ord end
   return result(save(INST, old, e))
 end
@@ -98,24 +100,24 @@ local function modify(fn)
   return result(save(INST, old, e))
 end
 
--- ARGV[5] why
+-- ARGV[4] why
 local function remove()
   return modify(function(e)
     e.routable = false
-    if not e.fenced then e.reason = ARGV[5] end
+    if not e.fenced then e.reason = ARGV[4] end
   end)
 end
 
--- Keep an instance out of routing until `unfence` (a replica resyncing). ARGV[5] why
+-- Keep an instance out of routing until `unfence` (a replica resyncing). ARGV[4] why
 local function fence()
-  return modify(function(e) e.fenced, e.routable, e.reason = true, false, ARGV[5] end)
+  return modify(function(e) e.fenced, e.routable, e.reason = true, false, ARGV[4] end)
 end
 
--- ARGV[5] ord of the event after whose state the instance was made a replica
+-- ARGV[4] ord of the event after whose state the instance was made a replica
 local function unfence()
   return modify(function(e, old)
     e.fenced, e.routable, e.role, e.reason = false, true, 'replica', ''
-    e.cleared_ord = math.max(tonumber(old.cleared_ord) or 0, tonumber(ARGV[5]))
+    e.cleared_ord = math.max(tonumber(old.cleared_ord) or 0, tonumber(ARGV[4]))
   end)
 end
 
@@ -126,11 +128,11 @@ local function promotion()
   return p
 end
 
--- Take the promotion lock for the dead primary INST. ARGV[5] owner  [6] lease ms.
+-- Take the promotion lock for the dead primary INST. ARGV[4] owner  [5] lease ms.
 -- The lock's token is the new epoch: every later step names it and fails once it is not the
 -- current promotion's. A lock whose owner stopped renewing it is taken over (resumed).
 local function begin()
-  local owner, lease = ARGV[5], tonumber(ARGV[6])
+  local owner, lease = ARGV[4], tonumber(ARGV[5])
   local p = promotion()
   if p.epoch then
     if tonumber(p['until']) > NOW and p.owner ~= owner then
@@ -154,39 +156,50 @@ local function holds(p, epoch, owner)
   return p.epoch and tonumber(p.epoch) == epoch and p.owner == owner
 end
 
--- Renew the lock and record a step. ARGV[5] epoch  [6] owner  [7] lease ms  [8] field  [9] value
+-- Renew the lock and record a step. ARGV[4] epoch  [5] owner  [6] lease ms  [7] field  [8] value
 local function step()
   local p = promotion()
-  if not holds(p, tonumber(ARGV[5]), ARGV[6]) then return 0 end
-  redis.call('HSET', K_PROMO, 'until', NOW + tonumber(ARGV[7]))
-  if ARGV[8] ~= '' then redis.call('HSET', K_PROMO, ARGV[8], ARGV[9]) end
+  if not holds(p, tonumber(ARGV[4]), ARGV[5]) then return 0 end
+  redis.call('HSET', K_PROMO, 'until', NOW + tonumber(ARGV[6]))
+  if ARGV[7] ~= '' then redis.call('HSET', K_PROMO, ARGV[7], ARGV[8]) end
   return 1
 end
 
--- Make INST (the candidate) the primary. ARGV[5] epoch  [6] owner  [7] old primary
+-- Make INST (the candidate) the primary. ARGV[4] epoch  [5] owner  [6] old primary
 local function commit()
-  local epoch = tonumber(ARGV[5])
-  if not holds(promotion(), epoch, ARGV[6]) then return {0, 0, 0, ''} end
-  redis.call('HSET', K_STATE, 'primary', INST, 'from', ARGV[7], 'promoted_ms', NOW)
+  local epoch = tonumber(ARGV[4])
+  if not holds(promotion(), epoch, ARGV[5]) then return {0, 0, 0, ''} end
+  redis.call('HSET', K_STATE, 'primary', INST, 'from', ARGV[6], 'promoted_ms', NOW)
   local cand = load_entry(INST) or {endpoint = '', weight = 1}
   local e = cjson.decode(cjson.encode(cand))
   e.role, e.routable, e.fenced, e.reason = 'primary', true, false, ''
   save(INST, cand, e)
-  local old = load_entry(ARGV[7])
-  if old and ARGV[7] ~= INST then
+  local old = load_entry(ARGV[6])
+  if old and ARGV[6] ~= INST then
     local o = cjson.decode(cjson.encode(old))
     o.routable, o.fenced = false, true
     o.reason = 'demoted at epoch ' .. epoch .. ': the primary is ' .. INST
-    save(ARGV[7], old, o)
+    save(ARGV[6], old, o)
   end
   redis.call('DEL', K_PROMO)
   local _, _, version = state()
   return {1, version, epoch, INST}
 end
 
--- Give the lock up without a promotion. ARGV[5] epoch  [6] owner
+-- Give the lock up without a promotion; INST is the old primary. ARGV[4] epoch  [5] owner
+-- The old primary stays the primary: if it came back meanwhile, the fence this promotion put
+-- on it goes, and it is routable again while it is alive (KEYS[5]).
 local function abort()
-  if holds(promotion(), tonumber(ARGV[5]), ARGV[6]) then redis.call('DEL', K_PROMO) end
+  local p = promotion()
+  if not holds(p, tonumber(ARGV[4]), ARGV[5]) then return 1 end
+  redis.call('DEL', K_PROMO)
+  local old = load_entry(p.old)
+  if old and old.fenced and old.reason == PROMOTING then
+    local e = cjson.decode(cjson.encode(old))
+    e.fenced, e.reason = false, ''
+    e.routable = p.old == INST and redis.call('EXISTS', KEYS[5]) == 1
+    save(p.old, old, e)
+  end
   return 1
 end
 
