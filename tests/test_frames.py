@@ -1,0 +1,198 @@
+"""The workers' buffered AMQP frame reader (hbbus.amqp.BufferedFrameReceiver): pure parsing
+against pamqp's own marshalling, then a real broker connection that reads through it."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import aio_pika
+import aiormq
+import aiormq.connection
+import aiormq.exceptions
+import pamqp.frame
+import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from pamqp import commands, heartbeat
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader, ProtocolHeader
+
+from hbbus.amqp import BufferedFrameReceiver, connect, use_buffered_frame_reader
+from tests.helpers import wait_until
+
+
+def wire() -> tuple[bytes, list[tuple[int, object]]]:
+    """A conversation as the broker writes it: marshalled frames and what each one is."""
+    body = b'{"v":1,"s":"web","i":"web-0"}'
+    frames: list[tuple[int, object]] = [
+        (0, commands.Connection.Tune(channel_max=2047, frame_max=131072, heartbeat=60)),
+        (1, commands.Basic.Deliver("ctag", 1, False, "hbbus.heartbeats", "hb.web.web-0")),
+        (1, ContentHeader(0, len(body))),
+        (1, ContentBody(body)),
+        (0, heartbeat.Heartbeat()),
+        (1, commands.Basic.Deliver("ctag", 2, True, "x", "rk")),
+        (1, ContentHeader(0, 300_000)),
+        (1, ContentBody(b"y" * 131_064)),  # a body over several frames
+        (1, ContentBody(b"y" * 131_064)),
+        (1, ContentBody(b"y" * 37_872)),
+        (3, commands.Channel.Close(406, "PRECONDITION_FAILED", 60, 40)),
+    ]
+    data = b"".join(pamqp.frame.marshal(frame, channel) for channel, frame in frames)
+    return data, frames
+
+
+def reader_of(chunks: list[bytes], eof: bool = True) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    for chunk in chunks:
+        reader.feed_data(chunk)
+    if eof:
+        reader.feed_eof()
+    return reader
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+async def read_all(receiver: BufferedFrameReceiver) -> list[tuple[int, object]]:
+    got = []
+    while True:
+        try:
+            _, channel, frame = await receiver.get_frame()
+        except StopAsyncIteration:
+            return got
+        got.append((channel, frame))
+
+
+def same(got: list[tuple[int, object]], want: list[tuple[int, object]]) -> None:
+    """The same frames on the same channels: each marshals to the same bytes again."""
+    assert [(c, type(f)) for c, f in got] == [(c, type(f)) for c, f in want]
+    for (c, g), (_, w) in zip(got, want, strict=True):
+        assert pamqp.frame.marshal(g, c) == pamqp.frame.marshal(w, c)  # type: ignore[arg-type]
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=310_000), max_size=40))
+def test_frames_come_out_whole_however_the_bytes_arrive(cuts):
+    data, frames = wire()
+
+    async def go() -> list[tuple[int, object]]:
+        return await read_all(BufferedFrameReceiver(reader_of(split(data, cuts))))
+
+    same(asyncio.run(go()), frames)
+
+
+async def test_frames_split_at_every_byte_of_a_delivery():
+    _, frames = wire()
+    small = b"".join(pamqp.frame.marshal(f, c) for c, f in frames[1:5])
+    for cut in range(1, len(small)):
+        receiver = BufferedFrameReceiver(reader_of([small[:cut], small[cut:]]))
+        same(await read_all(receiver), frames[1:5])
+
+
+async def test_the_weight_is_the_frame_length():
+    """aiormq's reader gets (bytes consumed, channel, frame), as from pamqp.frame.unmarshal."""
+    data, frames = wire()
+    receiver = BufferedFrameReceiver(reader_of([data]))
+    first = pamqp.frame.marshal(frames[0][1], 0)
+    weight, channel, frame = await receiver.get_frame()
+    assert (weight, channel) == (len(first), 0)
+    assert isinstance(frame, commands.Connection.Tune)
+
+
+async def test_a_frame_waits_for_its_last_byte():
+    data, _ = wire()
+    reader = reader_of([data[:19]], eof=False)  # Tune is 20 bytes
+    receiver = BufferedFrameReceiver(reader)
+    pending = asyncio.ensure_future(receiver.get_frame())
+    await asyncio.sleep(0.05)
+    assert not pending.done()
+    reader.feed_data(data[19:])
+    _, _, frame = await asyncio.wait_for(pending, 1)
+    assert isinstance(frame, commands.Connection.Tune)
+
+
+async def test_the_broker_refusing_our_protocol_version_is_a_syntax_error():
+    reader = reader_of([ProtocolHeader(0, 9, 1).marshal()])
+    with pytest.raises(aiormq.exceptions.ProtocolSyntaxError, match="protocol header"):
+        await BufferedFrameReceiver(reader).get_frame()
+
+
+async def test_a_connection_closed_inside_a_frame_is_a_connection_error():
+    data, _ = wire()
+    receiver = BufferedFrameReceiver(reader_of([data[:30]]))
+    await receiver.get_frame()  # the Tune frame is whole
+    with pytest.raises(aiormq.exceptions.AMQPConnectionError, match="unexpectedly closed"):
+        await receiver.get_frame()
+
+
+async def test_a_connection_closed_while_waiting_is_a_connection_error():
+    """As aiormq's reader: the end of the stream while a read waits is an error (a robust
+    connection reconnects on it); only an end already seen between frames stops the loop."""
+    reader = reader_of([], eof=False)
+    pending = asyncio.ensure_future(BufferedFrameReceiver(reader).get_frame())
+    await asyncio.sleep(0.01)
+    reader.feed_eof()
+    with pytest.raises(aiormq.exceptions.AMQPConnectionError, match="unexpectedly closed"):
+        await asyncio.wait_for(pending, 1)
+
+
+async def test_a_frame_without_its_end_byte_is_refused():
+    data = bytearray(pamqp.frame.marshal(commands.Basic.Ack(1), 1))
+    data[-1] = 0
+    with pytest.raises(aiormq.exceptions.InvalidFrameError):
+        await BufferedFrameReceiver(reader_of([bytes(data)])).get_frame()
+
+
+async def test_a_connection_reads_through_the_buffered_reader(settings, monkeypatch):
+    """A real connection opens, consumes a large body and many small ones, and closes, all
+    through the buffered reader; use_buffered_frame_reader is idempotent."""
+    monkeypatch.setattr(aiormq.connection, "FrameReceiver", aiormq.connection.FrameReceiver)
+    assert use_buffered_frame_reader()
+    assert use_buffered_frame_reader()
+    assert aiormq.connection.FrameReceiver is BufferedFrameReceiver
+    used: list[BufferedFrameReceiver] = []
+    real_init = BufferedFrameReceiver.__init__
+
+    def counting_init(self: BufferedFrameReceiver, reader: asyncio.StreamReader) -> None:
+        real_init(self, reader)
+        used.append(self)
+
+    monkeypatch.setattr(BufferedFrameReceiver, "__init__", counting_init)
+    connection = await connect(settings, "test-buffered-reader", robust=False)
+    async with connection:
+        assert len(used) == 1, "the connection did not read through the buffered reader"
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        bodies = [b"z" * 400_000] + [str(i).encode() for i in range(2000)]
+        for body in bodies:
+            await channel.default_exchange.publish(aio_pika.Message(body), queue.name)
+        got: list[bytes] = []
+
+        async def on_message(message) -> None:  # type: ignore[no-untyped-def]
+            got.append(message.body)
+            await message.ack()
+
+        await queue.consume(on_message)
+        await wait_until(lambda: len(got) == len(bodies), 20, "every message")
+        assert got == bodies
+
+
+async def test_the_buffer_keeps_only_what_is_not_handed_out():
+    """Memory stays bounded: what was handed out is dropped before the next read."""
+    one = b"".join(pamqp.frame.marshal(f, c) for c, f in wire()[1][1:4])
+    reader = reader_of([], eof=False)
+    receiver = BufferedFrameReceiver(reader)
+    for _ in range(500):
+        reader.feed_data(one)
+        for _ in range(3):
+            await receiver.get_frame()
+    reader.feed_data(one[:10])
+    pending = asyncio.ensure_future(receiver.get_frame())
+    await asyncio.sleep(0.01)
+    assert len(receiver._buffer) - receiver._pos <= 10
+    assert len(receiver._buffer) <= 2 * len(one)
+    pending.cancel()
