@@ -61,7 +61,7 @@ async def cpu_per_beat(settings: Settings, count: int, interval_s: float, second
         f"({sent / wall:,.0f}/s, {dropped} dropped), process CPU {cpu:.2f} s, "
         f"idle baseline {idle:.2f} s"
     )
-    if dropped:  # a dropped beat costs less than a sent one: the figure would flatter us
+    if dropped:  # a dropped beat costs CPU but is not counted: the figure would be wrong
         raise RuntimeError(f"{dropped} heartbeats dropped: the broker did not keep up")
     return (cpu - idle) / max(sent, 1) * 1e6
 

@@ -81,7 +81,7 @@ class DeadSink:
 
     def __init__(self, sample_count: int) -> None:
         self.sample_count = sample_count
-        self.lateness_ms: list[float] = []
+        self.lateness_ms: dict[str, float] = {}  # sample instance -> ms after its deadline
         self.other_dead = 0
         self.connection: aiormq.abc.AbstractConnection | None = None
 
@@ -100,10 +100,13 @@ class DeadSink:
     async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
         arrived = time.time() * 1000
         event = orjson.loads(message.body)
-        if int(event["instance"].removeprefix("i")) >= self.sample_count:
+        instance = event["instance"]
+        k = instance.removeprefix("i")
+        if not k.isdigit() or int(k) >= self.sample_count:
             self.other_dead += 1
             return
-        self.lateness_ms.append(arrived - (event["last_seen_ms"] + event["ttl_ms"]))
+        # a duplicate (the same death published twice) must not stand in for a missing one
+        self.lateness_ms.setdefault(instance, arrived - (event["last_seen_ms"] + event["ttl_ms"]))
 
     async def close(self) -> None:
         if self.connection is not None:
@@ -184,7 +187,7 @@ async def one_size(n: int, sample_count: int, profile: str | None) -> Row:
             agg.stop()
             await sink.close()
             await store.close()
-    lat = sink.lateness_ms
+    lat = list(sink.lateness_ms.values())
     p50, p99, worst = percentile(lat, 50), percentile(lat, 99), max(lat, default=float("nan"))
     print(
         f"  N={n:,}: {len(lat)} dead events of {sample_count}; after the deadline ms: "

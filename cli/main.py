@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import Coroutine
@@ -348,10 +349,15 @@ def aggregator(
 ) -> None:
     """Run an aggregator: ingest heartbeats into Redis and publish transitions (until SIGTERM)."""
     from hbbus import metrics
+    from hbbus.amqp import use_buffered_frame_reader
     from hbbus.store import StoreConfig
     from hbbus.workers.aggregator import Aggregator, AggregatorConfig
 
     worker_logging(ctx)
+    if not use_buffered_frame_reader():  # this process reads many deliveries: read in chunks
+        logging.getLogger("hbbus.aggregator").info(
+            "this aiormq has no FrameReceiver to replace: frames are read as aiormq reads them"
+        )
     store = StoreConfig(
         lease_ms=lease_ms,
         retention_ms=retention_s * 1000,

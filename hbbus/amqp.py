@@ -8,9 +8,6 @@ from collections.abc import Iterable
 import aio_pika
 import aiormq
 import aiormq.connection
-import aiormq.exceptions
-import pamqp.exceptions
-import pamqp.frame
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -150,88 +147,19 @@ async def declare_failover(
     return queue
 
 
-#: Bytes asked of the socket at a time by the buffered frame reader.
-READ_CHUNK = 256 * 1024
-
-
-class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
-    """aiormq's frame reader, reading the socket in chunks.
-
-    aiormq's own reader awaits three ``readexactly`` calls and takes a lock for every frame,
-    three frames per delivery: a fifth of an aggregator's CPU when it drains a backlog. This
-    one keeps a buffer, reads up to :data:`READ_CHUNK` bytes when it holds no whole frame,
-    and hands out the whole frames in hand without awaiting. Frames are still unmarshalled by
-    pamqp; what reaches the connection, and every error, is what aiormq's reader gives."""
-
-    def __init__(self, reader: asyncio.StreamReader) -> None:
-        super().__init__(reader)
-        self._buffer = bytearray()
-        self._pos = 0
-
-    async def get_frame(self) -> aiormq.connection.ReceivedFrame:
-        while True:
-            frame = self._next_frame()
-            if frame is not None:
-                return frame
-            if self._pos == len(self._buffer) and self.reader.at_eof():
-                raise StopAsyncIteration  # as aiormq's reader: the end, between frames
-            try:
-                data = await self.reader.read(READ_CHUNK)
-            except ConnectionRefusedError as exc:
-                raise aiormq.exceptions.AMQPConnectionError(
-                    f"Server connection refused: {exc!r}"
-                ) from exc
-            except ConnectionResetError as exc:
-                raise aiormq.exceptions.AMQPConnectionError(
-                    f"Server connection reset: {exc!r}"
-                ) from exc
-            except ConnectionError as exc:
-                raise aiormq.exceptions.AMQPConnectionError(
-                    f"Server connection error: {exc!r}"
-                ) from exc
-            except OSError as exc:
-                raise aiormq.exceptions.AMQPConnectionError(
-                    f"Server communication error: {exc!r}"
-                ) from exc
-            if not data:
-                raise aiormq.exceptions.AMQPConnectionError(
-                    "Server connection unexpectedly closed. "
-                    f"Read {len(self._buffer) - self._pos} bytes of a frame"
-                )
-            if self._pos:  # drop what was handed out, once per read
-                del self._buffer[: self._pos]
-                self._pos = 0
-            self._buffer += data
-
-    def _next_frame(self) -> aiormq.connection.ReceivedFrame | None:
-        """The next whole frame in the buffer, unmarshalled; None if there is none yet."""
-        buffer, pos = self._buffer, self._pos
-        if len(buffer) - pos < 8:  # a frame is at least 8 bytes, and so is a protocol header
-            return None
-        if not self.started:
-            if buffer[pos : pos + 4] == b"AMQP":  # the broker refused our protocol version
-                raise aiormq.exceptions.ProtocolSyntaxError("Unexpected AMQP protocol header")
-            self.started = True
-        size = int.from_bytes(buffer[pos + 3 : pos + 7], "big")
-        end = pos + 8 + size
-        if end > len(buffer):
-            return None
-        self._pos = end
-        try:
-            return pamqp.frame.unmarshal(bytes(buffer[pos:end]))
-        except pamqp.exceptions.PAMQPException as exc:
-            raise aiormq.exceptions.InvalidFrameError(str(exc)) from exc
-
-
 def use_buffered_frame_reader() -> bool:
     """Make the aiormq connections this process opens from now on read frames with
-    :class:`BufferedFrameReceiver`. For the worker processes, which read many deliveries;
-    the library never calls it, so a service importing hbbus keeps aiormq as it is. True if
-    installed (aiormq 7 names its reader ``aiormq.connection.FrameReceiver``)."""
-    current = getattr(aiormq.connection, "FrameReceiver", None)
-    if current is BufferedFrameReceiver:
-        return True
-    if not (isinstance(current, type) and issubclass(BufferedFrameReceiver, current)):
+    :class:`hbbus.frames.BufferedFrameReceiver`. For the worker processes (``hbbus
+    aggregator`` calls it), which read many deliveries: it changes aiormq for the whole
+    process, so the library never calls it, and a service importing hbbus keeps aiormq as it
+    is. True if installed; False where this aiormq has no ``FrameReceiver`` to replace."""
+    try:
+        from hbbus.frames import BufferedFrameReceiver
+    except (ImportError, AttributeError):
         return False
-    aiormq.connection.FrameReceiver = BufferedFrameReceiver  # type: ignore[misc]
+    current = getattr(aiormq.connection, "FrameReceiver", None)
+    if current is not BufferedFrameReceiver:
+        if current is not BufferedFrameReceiver.__bases__[0]:
+            return False  # someone else replaced it: leave theirs
+        aiormq.connection.FrameReceiver = BufferedFrameReceiver  # type: ignore[misc]
     return True

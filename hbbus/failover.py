@@ -9,7 +9,9 @@ For each event:
 3. Deduplicate per group in Redis, by event id (done already?) and by instance order (an
    event older than one already handled for the instance is stale), and take an in-flight
    lease, renewed while the handler runs, so two members never run the same event at once and
-   a member that dies mid-handler loses the event to another within ``lease_ms``.
+   a member that dies mid-handler loses the event to another within ``lease_ms``. A member
+   that stalled past its lease and finds the event taken over (or finished) by another
+   cancels its own handler and acks: the other member's run is the one that counts.
 4. Run the handler (with a timeout). Success: publish ``action.succeeded``, mark done, ack.
    Failure: publish ``action.failed``, republish to the retry queue of that attempt (a TTL
    queue that dead-letters back to the group's queue: capped exponential backoff that
@@ -81,12 +83,24 @@ end
 if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
 return 1
 """
-# KEYS: inflight key. ARGV: token, lease_ms (0: release). Only the lease's holder renews it.
+# KEYS: inflight key, done key. ARGV: token, lease_ms (0: release). Only the lease's holder
+# renews (or releases) it. A lease that ran out while nobody took it over, and the event is
+# not done, is the holder's again. 0: another member holds it, or has finished the event.
 _RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if tonumber(ARGV[2]) == 0 then redis.call('DEL', KEYS[1]) return 1 end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local holder = redis.call('GET', KEYS[1])
+if tonumber(ARGV[2]) == 0 then
+  if holder == ARGV[1] then redis.call('DEL', KEYS[1]) end
+  return 1
+end
+if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if holder or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """
+
+
+class LeaseLost(Exception):
+    """Another member of the group took over the event whose handler this member runs."""
 
 
 @dataclass(frozen=True)
@@ -342,33 +356,35 @@ class FailoverConsumer:
             return "busy"
         return await self._run_handler(handler, event, message, keys, attempt)
 
-    async def _keep_lease(self, key: str) -> None:
+    async def _keep_lease(self, keys: list[str]) -> None:
         """Renew the in-flight lease while the handler runs: a member that dies mid-handler
-        loses it within ``lease_ms``, and another member takes the event over."""
+        loses it within ``lease_ms``, and another member takes the event over. Returns when
+        another member holds the lease or has finished the event (this one stalled past its
+        lease); while Redis is away it keeps trying."""
         assert self._redis is not None
-        warned = False
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
             with contextlib.suppress(RedisError, OSError):
-                held = await self._renew(keys=[key], args=[self.token, self.lease_ms])
-                if not held and not warned:  # ran out (a stalled loop, Redis away): say so
-                    log.warning(
-                        "failover %s: the in-flight lease %s ran out while its handler runs; "
-                        "another member may run the same event",
-                        self.group,
-                        key,
-                    )
-                    warned = True
+                if not await self._renew(keys=[keys[2], keys[0]], args=[self.token, self.lease_ms]):
+                    return
 
-    async def _call(self, handler: Handler, event: Event, lease_key: str) -> object:
-        keeper = asyncio.create_task(self._keep_lease(lease_key))
+    async def _call(self, handler: Handler, event: Event, keys: list[str]) -> object:
+        """The handler's result; LeaseLost (the handler cancelled) if another member took
+        the event over meanwhile; TimeoutError after the handler timeout."""
+        run = asyncio.ensure_future(handler(event))
+        keeper = asyncio.create_task(self._keep_lease(keys))
         try:
             async with asyncio.timeout(self.handler_timeout_s):
-                return await handler(event)
+                await asyncio.wait({run, keeper}, return_when=asyncio.FIRST_COMPLETED)
+            if run.done():
+                return run.result()
+            raise LeaseLost(f"another member took over {event.id} while its handler ran")
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            for task in (keeper, run):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     async def _run_handler(
         self,
@@ -380,13 +396,22 @@ class FailoverConsumer:
     ) -> str:
         assert self._redis is not None
         try:
-            detail = await self._call(handler, event, keys[2])
+            detail = await self._call(handler, event, keys)
         except asyncio.CancelledError:
             with contextlib.suppress(RedisError, OSError):
-                await self._renew(keys=[keys[2]], args=[self.token, 0])  # another may take it
+                await self._renew(keys=[keys[2], keys[0]], args=[self.token, 0])  # another may
             raise
+        except LeaseLost as exc:
+            log.warning(
+                "failover %s: %s; this member's handler was cancelled (a loop stalled past "
+                "lease_ms=%d?)",
+                self.group,
+                exc,
+                self.lease_ms,
+            )
+            return "taken-over"
         except Exception as exc:
-            await self._renew(keys=[keys[2]], args=[self.token, 0])
+            await self._renew(keys=[keys[2], keys[0]], args=[self.token, 0])
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if isinstance(exc, TimeoutError):
                 error = f"handler timed out after {self.handler_timeout_s:g}s"

@@ -287,3 +287,86 @@ async def test_stop_waits_for_the_handler_in_hand(settings):
             Names(settings.namespace).failover_queue("g"), passive=True
         )
         assert queue.declaration_result.message_count == 0, "acked: nothing is redelivered"
+
+
+async def lease_test_consumer(settings, group):
+    """A consumer whose dead handler blocks until released, and records how it ended."""
+    started, release, ended = asyncio.Event(), asyncio.Event(), []
+
+    async def handler(e):
+        started.set()
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+        ended.append("finished")
+
+    consumer = FailoverConsumer(
+        settings, group, ["dead.#"], retry=FAST_RETRY, lease_ms=300, handler_timeout_s=30
+    )
+    consumer.on("dead")(handler)
+    return consumer, started, release, ended
+
+
+@pytest.mark.parametrize("other", ["holds the lease", "finished the event"])
+async def test_a_member_whose_event_was_taken_over_stops_its_handler(settings, other):
+    """Guarantee 6: this member stalled past its lease and another member took the event
+    over (it holds the in-flight lease now, or has finished the event and released it):
+    this member's handler is cancelled, its message acked, and it neither takes the lease
+    again, nor marks the event done, nor retries or dead-letters it."""
+    from hbbus.store import connect_redis
+
+    group = "taken" if other == "holds the lease" else "finished"
+    consumer, started, _, ended = await lease_test_consumer(settings, group)
+    names = Names(settings.namespace)
+    inflight = names.failover_key(group, "inflight:dead-db-1-1")
+    done = names.failover_key(group, "done:dead-db-1-1")
+    redis = connect_redis(settings)
+    try:
+        async with running(consumer):
+            await publish(settings, event())
+            await asyncio.wait_for(started.wait(), 10)
+            if other == "holds the lease":
+                await redis.set(inflight, "another-member", px=10_000)
+            else:
+                await redis.set(done, "1", ex=60)
+                await redis.delete(inflight)
+            await wait_until(lambda: consumer.counts["taken-over"] == 1, 10, "taken over")
+            assert ended == ["cancelled"]
+            if other == "holds the lease":
+                assert await redis.get(inflight) == "another-member", "the other's lease"
+                assert not await redis.exists(done), "this member marked it done"
+            else:
+                assert not await redis.exists(inflight), "this member took the lease again"
+            assert consumer.counts["retried"] == consumer.counts["dead-lettered"] == 0
+        connection = await connect(settings, "test", robust=False)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(names.failover_queue(group), passive=True)
+            assert queue.declaration_result.message_count == 0, "acked, not requeued"
+    finally:
+        await redis.aclose()
+
+
+async def test_a_lease_that_ran_out_untaken_is_the_holders_again(settings):
+    """The lease ran out (a stall) but nobody took the event: the handler goes on, the
+    lease is taken again, and the event is handled once."""
+    from hbbus.store import connect_redis
+
+    consumer, started, release, ended = await lease_test_consumer(settings, "regained")
+    inflight = Names(settings.namespace).failover_key("regained", "inflight:dead-db-1-1")
+    redis = connect_redis(settings)
+    try:
+        async with running(consumer):
+            await publish(settings, event())
+            await asyncio.wait_for(started.wait(), 10)
+            token = await redis.get(inflight)
+            await redis.delete(inflight)  # as if it ran out
+            await wait_until(lambda: redis.get(inflight), 5, "the lease taken again")
+            assert await redis.get(inflight) == token
+            release.set()
+            await wait_until(lambda: consumer.counts["handled"] == 1, 10, "handled")
+        assert ended == ["finished"] and consumer.counts["taken-over"] == 0
+    finally:
+        await redis.aclose()

@@ -4,6 +4,7 @@ against pamqp's own marshalling, then a real broker connection that reads throug
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 
 import aio_pika
@@ -19,7 +20,10 @@ from pamqp import commands, heartbeat
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader, ProtocolHeader
 
-from hbbus.amqp import BufferedFrameReceiver, connect, use_buffered_frame_reader
+import hbbus.frames
+from hbbus.amqp import connect, use_buffered_frame_reader
+from hbbus.frames import BufferedFrameReceiver
+from hbbus.settings import Settings
 from tests.helpers import wait_until
 
 
@@ -44,12 +48,34 @@ def wire() -> tuple[bytes, list[tuple[int, object]]]:
 
 
 def reader_of(chunks: list[bytes], eof: bool = True) -> asyncio.StreamReader:
+    """A stream holding ``chunks`` (merged: a read returns all of it, up to its limit)."""
     reader = asyncio.StreamReader()
     for chunk in chunks:
         reader.feed_data(chunk)
     if eof:
         reader.feed_eof()
     return reader
+
+
+class ChunkReader:
+    """A stream whose every read returns one of ``chunks`` (never merged: as a socket that
+    delivered them one by one), then the end."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = [c for c in chunks if c]
+
+    async def read(self, n: int) -> bytes:
+        await asyncio.sleep(0)
+        if not self.chunks:
+            return b""
+        chunk = self.chunks.pop(0)
+        if len(chunk) > n:
+            chunk, rest = chunk[:n], chunk[n:]
+            self.chunks.insert(0, rest)
+        return chunk
+
+    def at_eof(self) -> bool:
+        return not self.chunks
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -80,16 +106,47 @@ def test_frames_come_out_whole_however_the_bytes_arrive(cuts):
     data, frames = wire()
 
     async def go() -> list[tuple[int, object]]:
-        return await read_all(BufferedFrameReceiver(reader_of(split(data, cuts))))
+        return await read_all(BufferedFrameReceiver(ChunkReader(split(data, cuts))))  # type: ignore[arg-type]
 
     same(asyncio.run(go()), frames)
+
+
+async def test_we_read_what_aiormqs_own_reader_reads():
+    """The same (bytes consumed, channel, frame) tuples as aiormq's FrameReceiver, with the
+    bytes arriving in 1-byte and 5-byte pieces."""
+    data, _ = wire()
+    stock = BufferedFrameReceiver.__bases__[0]
+    assert stock.__module__ == "aiormq.connection"
+    theirs = stock(reader_of([data]))
+    want = []
+    while len(want) < len(wire()[1]):
+        want.append(await theirs.get_frame())
+    for size in (1, 5):
+        chunks = [data[i : i + size] for i in range(0, len(data), size)]
+        ours = BufferedFrameReceiver(ChunkReader(chunks))  # type: ignore[arg-type]
+        got = [await ours.get_frame() for _ in want]
+        assert [(w, c) for w, c, _ in got] == [(w, c) for w, c, _ in want]
+        same([(c, f) for _, c, f in got], [(c, f) for _, c, f in want])
+
+
+async def test_a_frame_larger_than_a_read(monkeypatch):
+    monkeypatch.setattr(hbbus.frames, "READ_CHUNK", 100)
+    data, frames = wire()
+    same(await read_all(BufferedFrameReceiver(reader_of([data]))), frames)
+
+
+async def test_a_reset_connection_is_a_connection_error():
+    reader = reader_of([], eof=False)
+    reader.set_exception(ConnectionResetError("reset by peer"))
+    with pytest.raises(aiormq.exceptions.AMQPConnectionError, match="reset"):
+        await BufferedFrameReceiver(reader).get_frame()
 
 
 async def test_frames_split_at_every_byte_of_a_delivery():
     _, frames = wire()
     small = b"".join(pamqp.frame.marshal(f, c) for c, f in frames[1:5])
     for cut in range(1, len(small)):
-        receiver = BufferedFrameReceiver(reader_of([small[:cut], small[cut:]]))
+        receiver = BufferedFrameReceiver(ChunkReader([small[:cut], small[cut:]]))  # type: ignore[arg-type]
         same(await read_all(receiver), frames[1:5])
 
 
@@ -196,3 +253,44 @@ async def test_the_buffer_keeps_only_what_is_not_handed_out():
     assert len(receiver._buffer) - receiver._pos <= 10
     assert len(receiver._buffer) <= 2 * len(one)
     pending.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await pending
+
+
+async def test_a_robust_connection_reading_through_it_survives_a_broker_restart(
+    private_rabbit, monkeypatch
+):
+    """The aggregator's connection: robust, reading through the buffered reader. The broker
+    stops (the reader sees the end of the stream) and starts again; the connection comes back
+    and a consumer gets messages again."""
+    monkeypatch.setattr(aiormq.connection, "FrameReceiver", aiormq.connection.FrameReceiver)
+    assert use_buffered_frame_reader()
+    settings = Settings(amqp_url=private_rabbit.url, namespace="t-frames-restart")
+    connection = await connect(settings, "test-buffered-restart")
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("t-frames-restart", durable=False, auto_delete=False)
+        got: list[bytes] = []
+
+        async def on_message(message) -> None:  # type: ignore[no-untyped-def]
+            got.append(message.body)
+            await message.ack()
+
+        await queue.consume(on_message)
+        await channel.default_exchange.publish(aio_pika.Message(b"before"), queue.name)
+        await wait_until(lambda: got == [b"before"], 10, "a message before the restart")
+        await asyncio.to_thread(private_rabbit.stop_app)
+        await asyncio.to_thread(private_rabbit.start_app)
+
+        async def publish_after() -> bool:  # confirmed: the robust connection is back
+            try:
+                await channel.default_exchange.publish(aio_pika.Message(b"after"), queue.name)
+            except Exception:
+                await asyncio.sleep(0.2)
+                return False
+            return True
+
+        await wait_until(publish_after, 30, "a confirmed publish after the restart")
+        await wait_until(lambda: b"after" in got, 30, "a message after the restart")
+    finally:
+        await connection.close()

@@ -45,7 +45,6 @@ from hbbus.amqp import (
     declare_heartbeats,
     declare_ingest,
     publish_confirmed,
-    use_buffered_frame_reader,
 )
 from hbbus.errors import DeliveryFailed, InvalidMessage
 from hbbus.names import Names
@@ -230,8 +229,6 @@ class Aggregator:
         self.store = store
         try:
             await store.ping(self.settings.redis_url)
-            if not use_buffered_frame_reader():
-                log.info("this aiormq has no FrameReceiver to replace: frames read as it reads")
             connection = await connect(self.settings, self.name)
             try:
                 await self._serve(connection, store, stop)
