@@ -46,6 +46,7 @@ from hbbus.store import Store
 SERVICE = "fleet"
 BULK_INTERVAL_MS = 30_000
 SAMPLE_INTERVAL_MS = 500
+WAVES = 10
 
 
 def bulk_body(k: int, seq: int) -> bytes:
@@ -176,7 +177,7 @@ async def one_size(n: int, sample_count: int, profile: str | None) -> Row:
                 f"  {n:,} instances tracked and settled in {time.perf_counter() - t0:.1f} s",
                 flush=True,
             )
-            await samples(settings, 0, sample_count, waves=10)
+            await samples(settings, 0, sample_count, waves=WAVES)
             # the last wave's deaths are due one TTL after it stopped; wait for them, bounded
             deadline = time.monotonic() + SAMPLE_INTERVAL_MS * 3 / 1000 + 10.0
             while len(sink.lateness_ms) < sample_count and time.monotonic() < deadline:
@@ -188,6 +189,14 @@ async def one_size(n: int, sample_count: int, profile: str | None) -> Row:
             await sink.close()
             await store.close()
     lat = list(sink.lateness_ms.values())
+    per_wave = max(1, sample_count // WAVES)
+    waves: dict[int, list[float]] = {}
+    for instance, ms in sink.lateness_ms.items():
+        waves.setdefault(int(instance.removeprefix("i")) // per_wave, []).append(ms)
+    print(  # one slow wave, or all of them slow: different causes
+        "  worst lateness per wave, ms: " + " ".join(f"{max(waves[w]):.0f}" for w in sorted(waves)),
+        flush=True,
+    )
     p50, p99, worst = percentile(lat, 50), percentile(lat, 99), max(lat, default=float("nan"))
     print(
         f"  N={n:,}: {len(lat)} dead events of {sample_count}; after the deadline ms: "

@@ -83,24 +83,46 @@ end
 if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
 return 1
 """
-# KEYS: inflight key, done key. ARGV: token, lease_ms (0: release). Only the lease's holder
-# renews (or releases) it. A lease that ran out while nobody took it over, and the event is
-# not done, is the holder's again. 0: another member holds it, or has finished the event.
+# KEYS: inflight key, done key, order hash. ARGV: token, lease_ms (0: release), instance id,
+# ord. Only the lease's holder renews (or releases) it. 0 when the run must stop: the event
+# is done (another run finished it), or another run holds the lease. A lease that ran out
+# while nobody took it is the holder's again, unless a newer event of the instance was handled
+# meanwhile (the event is stale now, as _BEGIN would say).
 _RENEW = """
 local holder = redis.call('GET', KEYS[1])
 if tonumber(ARGV[2]) == 0 then
   if holder == ARGV[1] then redis.call('DEL', KEYS[1]) end
   return 1
 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if holder or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if holder then return 0 end
+if tonumber(ARGV[4]) > 0 then
+  local last = redis.call('HGET', KEYS[3], ARGV[3])
+  if last and tonumber(last) > tonumber(ARGV[4]) then return 0 end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
 
-class LeaseLost(Exception):
-    """Another member of the group took over the event whose handler this member runs."""
+class _TakenOver(Exception):
+    """The run's lease is gone to another run, or the event was finished by one (raised by
+    the consumer only, from the lease keeper's verdict: never a handler's exception)."""
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One run of a handler on one event: the keys its dedupe and lease live under, and the
+    run's own lease token (per run, not per member: two copies of one event in one member
+    are two runs, and neither may renew or release the other's lease)."""
+
+    done: str
+    order: str
+    inflight: str
+    token: str
+    instance: str
+    ord: int
 
 
 @dataclass(frozen=True)
@@ -332,13 +354,17 @@ class FailoverConsumer:
         handler = self.handlers.get(event.kind) or self.handlers.get("*")
         if handler is None:
             return "ignored"
-        keys = [
-            self._key(f"done:{event.id}"),
-            self._key("order"),
-            self._key(f"inflight:{event.id}"),
-        ]
+        run = _Run(
+            done=self._key(f"done:{event.id}"),
+            order=self._key("order"),
+            inflight=self._key(f"inflight:{event.id}"),
+            token=f"{self.token}:{secrets.token_hex(4)}",
+            instance=event.instance_id,
+            ord=event.ord,
+        )
         verdict = await self._begin(
-            keys=keys, args=[event.instance_id, event.ord, self.lease_ms, self.token]
+            keys=[run.done, run.order, run.inflight],
+            args=[run.instance, run.ord, self.lease_ms, run.token],
         )
         if verdict in ("done", "stale"):
             log.debug(
@@ -354,54 +380,62 @@ class FailoverConsumer:
                 None,
             )
             return "busy"
-        return await self._run_handler(handler, event, message, keys, attempt)
+        return await self._run_handler(handler, event, message, run, attempt)
 
-    async def _keep_lease(self, keys: list[str]) -> None:
+    async def _lease(self, run: _Run, lease_ms: int) -> int:
+        """Renew (``lease_ms`` 0: release) the run's in-flight lease; 0: the run must stop."""
+        return int(
+            await self._renew(
+                keys=[run.inflight, run.done, run.order],
+                args=[run.token, lease_ms, run.instance, run.ord],
+            )
+        )
+
+    async def _keep_lease(self, run: _Run) -> None:
         """Renew the in-flight lease while the handler runs: a member that dies mid-handler
         loses it within ``lease_ms``, and another member takes the event over. Returns when
-        another member holds the lease or has finished the event (this one stalled past its
-        lease); while Redis is away it keeps trying."""
-        assert self._redis is not None
+        the run must stop (another run holds the lease or finished the event: this member
+        stalled past its lease); while Redis is away it keeps trying."""
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
             with contextlib.suppress(RedisError, OSError):
-                if not await self._renew(keys=[keys[2], keys[0]], args=[self.token, self.lease_ms]):
+                if not await self._lease(run, self.lease_ms):
                     return
 
-    async def _call(self, handler: Handler, event: Event, keys: list[str]) -> object:
-        """The handler's result; LeaseLost (the handler cancelled) if another member took
-        the event over meanwhile; TimeoutError after the handler timeout."""
-        run = asyncio.ensure_future(handler(event))
-        keeper = asyncio.create_task(self._keep_lease(keys))
+    async def _call(self, handler: Handler, event: Event, run: _Run) -> object:
+        """The handler's result; _TakenOver (the handler cancelled) if another run took the
+        event over meanwhile; TimeoutError after the handler timeout."""
+        work = asyncio.ensure_future(handler(event))
+        keeper = asyncio.create_task(self._keep_lease(run))
         try:
             async with asyncio.timeout(self.handler_timeout_s):
-                await asyncio.wait({run, keeper}, return_when=asyncio.FIRST_COMPLETED)
-            if run.done():
-                return run.result()
-            raise LeaseLost(f"another member took over {event.id} while its handler ran")
+                await asyncio.wait({work, keeper}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            keeper.result()  # a keeper that failed raises its own error: not a takeover
+            raise _TakenOver(f"another run took over {event.id} while its handler ran")
         finally:
-            for task in (keeper, run):
+            for task in (keeper, work):
                 if not task.done():
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                    await asyncio.wait({task})  # never raises: a second cancel is not swallowed
 
     async def _run_handler(
         self,
         handler: Handler,
         event: Event,
         message: AbstractIncomingMessage,
-        keys: list[str],
+        run: _Run,
         attempt: int,
     ) -> str:
         assert self._redis is not None
         try:
-            detail = await self._call(handler, event, keys)
+            detail = await self._call(handler, event, run)
         except asyncio.CancelledError:
             with contextlib.suppress(RedisError, OSError):
-                await self._renew(keys=[keys[2], keys[0]], args=[self.token, 0])  # another may
+                await self._lease(run, 0)  # another member may take it
             raise
-        except LeaseLost as exc:
+        except _TakenOver as exc:
             log.warning(
                 "failover %s: %s; this member's handler was cancelled (a loop stalled past "
                 "lease_ms=%d?)",
@@ -411,7 +445,7 @@ class FailoverConsumer:
             )
             return "taken-over"
         except Exception as exc:
-            await self._renew(keys=[keys[2], keys[0]], args=[self.token, 0])
+            await self._lease(run, 0)
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if isinstance(exc, TimeoutError):
                 error = f"handler timed out after {self.handler_timeout_s:g}s"
@@ -421,7 +455,8 @@ class FailoverConsumer:
         text = _detail_text(detail)
         # done first: an action that succeeded must not run again because its report failed
         await self._finish(
-            keys=keys, args=[event.instance_id, event.ord, self.dedupe_ttl_s, self.token]
+            keys=[run.done, run.order, run.inflight],
+            args=[run.instance, run.ord, self.dedupe_ttl_s, run.token],
         )
         await self._report(event, "action.succeeded", attempt, {"detail": text})
         log.info(

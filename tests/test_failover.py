@@ -318,7 +318,7 @@ async def test_a_member_whose_event_was_taken_over_stops_its_handler(settings, o
     from hbbus.store import connect_redis
 
     group = "taken" if other == "holds the lease" else "finished"
-    consumer, started, _, ended = await lease_test_consumer(settings, group)
+    consumer, started, release, ended = await lease_test_consumer(settings, group)
     names = Names(settings.namespace)
     inflight = names.failover_key(group, "inflight:dead-db-1-1")
     done = names.failover_key(group, "done:dead-db-1-1")
@@ -340,12 +340,14 @@ async def test_a_member_whose_event_was_taken_over_stops_its_handler(settings, o
             else:
                 assert not await redis.exists(inflight), "this member took the lease again"
             assert consumer.counts["retried"] == consumer.counts["dead-lettered"] == 0
+        release.set()
         connection = await connect(settings, "test", robust=False)
         async with connection:
             channel = await connection.channel()
             queue = await channel.declare_queue(names.failover_queue(group), passive=True)
             assert queue.declaration_result.message_count == 0, "acked, not requeued"
     finally:
+        release.set()  # a failed assertion must not leave the handler blocking the teardown
         await redis.aclose()
 
 
@@ -362,11 +364,35 @@ async def test_a_lease_that_ran_out_untaken_is_the_holders_again(settings):
             await publish(settings, event())
             await asyncio.wait_for(started.wait(), 10)
             token = await redis.get(inflight)
+            assert token.startswith(f"{consumer.token}:"), "a run's token, of this member"
             await redis.delete(inflight)  # as if it ran out
             await wait_until(lambda: redis.get(inflight), 5, "the lease taken again")
-            assert await redis.get(inflight) == token
+            assert await redis.get(inflight) == token, "taken again by the same run"
             release.set()
             await wait_until(lambda: consumer.counts["handled"] == 1, 10, "handled")
         assert ended == ["finished"] and consumer.counts["taken-over"] == 0
     finally:
+        release.set()
+        await redis.aclose()
+
+
+async def test_a_stale_event_is_not_taken_back(settings):
+    """The lease ran out while nobody took it, but a newer event of the same instance was
+    handled meanwhile: the older event is stale, and its run stops instead of going on."""
+    from hbbus.store import connect_redis
+
+    consumer, started, release, ended = await lease_test_consumer(settings, "stale")
+    names = Names(settings.namespace)
+    inflight = names.failover_key("stale", "inflight:dead-db-1-1")
+    redis = connect_redis(settings)
+    try:
+        async with running(consumer):
+            await publish(settings, event())
+            await asyncio.wait_for(started.wait(), 10)
+            await redis.hset(names.failover_key("stale", "order"), "db/db-1", 2)
+            await redis.delete(inflight)  # ran out; a newer event (ord 2) was handled
+            await wait_until(lambda: consumer.counts["taken-over"] == 1, 10, "stopped")
+            assert ended == ["cancelled"] and not await redis.exists(inflight)
+    finally:
+        release.set()
         await redis.aclose()

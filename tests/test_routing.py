@@ -297,3 +297,40 @@ async def test_routes_of_an_unknown_service_is_not_found(settings):
     result = await run_cli(settings, "routes", "nope")
     assert result.exit_code == 3
     assert "no routing table for 'nope'" in result.output
+
+
+async def test_a_cancelled_promotion_lets_another_member_resume_it_at_once(
+    table, settings, monkeypatch
+):
+    """redis-promote cancelled mid-promotion (its event was taken over by another member,
+    or a shutdown): the lock runs out at once, and the other member resumes the promotion at
+    the same epoch instead of waiting out the lease (the promotion is never aborted)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from hbbus.workers.redis_failover import RedisPromoteAction
+
+    await table.upsert(event("joined", "a", 1, endpoint="h:1", role="primary"))
+    await table.upsert(event("joined", "b", 1, endpoint="h:2", role="replica"))
+    await table.remove("db", "a", "dead")
+    verdict, epoch, old, candidate = await table.begin_promotion("db", "a", "w1", 60_000)
+    assert verdict == "begin"
+    action = RedisPromoteAction("db", lease_ms=60_000)
+    action.routes._table = table
+    action._consumer = SimpleNamespace(token="w1")  # type: ignore[assignment]
+    steps_started = asyncio.Event()
+
+    async def blocked_steps(*_: object) -> str:
+        steps_started.set()
+        await asyncio.sleep(3600)
+        return ""
+
+    monkeypatch.setattr(action, "_promote_steps", blocked_steps)
+    task = asyncio.create_task(action._promote(epoch, old, candidate))
+    await asyncio.wait_for(steps_started.wait(), 5)
+    assert (await table.begin_promotion("db", "a", "w2", 5000))[0] == "busy"
+    task.cancel()
+    await asyncio.wait({task})
+    assert task.cancelled()
+    verdict, again, _, _ = await table.begin_promotion("db", "a", "w2", 5000)
+    assert (verdict, again) == ("resume", epoch)

@@ -183,6 +183,13 @@ class RedisPromoteAction(Action):
         keeper = asyncio.create_task(self._keep_lock(epoch))
         try:
             return await self._promote_steps(epoch, old, candidate)
+        except asyncio.CancelledError:
+            # cancelled (shutdown, or another member took the event over): let the lock run
+            # out now, so the member that resumes the promotion need not wait for its lease;
+            # never abort here: after REPLICAOF NO ONE that would unfence the old primary
+            with contextlib.suppress(RedisError, OSError):
+                await self.table.promotion_step(self.service, epoch, self.consumer.token, 0)
+            raise
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
