@@ -10,8 +10,10 @@ Three measurements in one run, on one broker, in a private namespace:
    heartbeat applied (the aggregator's Prometheus counter) to the last.
 2. **Steady state.** A publisher process sends at a fixed rate for a few seconds while one
    aggregator process consumes; the rate is sustained when the publisher reached it and the
-   queue did not grow (ready messages at the end ≤ 0.1 s worth + 200). Rates go up a ladder until
-   one is not sustained; the same ladder is run with a do-nothing aiormq consumer process.
+   consumer kept up (0.1 s after the publisher stopped, the consumer's own count is short of
+   what was sent by at most 0.1 s worth + 200; what it holds unacked counts as behind). Rates
+   go up a ladder until one is not sustained; the same ladder is run with a do-nothing aiormq
+   consumer process.
 
     .venv/bin/python bench/ingest.py [--quick] [--heartbeats 50000] [--instances 5000]
 """
@@ -35,6 +37,7 @@ from common import (
     common_args,
     declare,
     emit,
+    free_port,
     header,
     namespace,
     profiled,
@@ -49,6 +52,7 @@ from hbbus.names import Names
 from hbbus.settings import Settings
 
 PREFETCH = 2000
+DRAIN_TIMEOUT_S = 600  # a drain that takes longer has lost messages, or its consumer
 ACK_EVERY = 500
 #: the steady publisher's declared interval: longer than an instance's gap between beats at
 #: the ladder's lowest rate (5,000 instances at 1,000/s: 5 s), so no instance goes suspect or
@@ -66,8 +70,11 @@ async def publish_backlog(
         for i in range(n):
             k = i % instances
             await pub.send(service, f"i{k}", beat_body(service, k, i // instances + 1, meta_of[k]))
+    deadline = time.monotonic() + 60
     for queue in queues:
-        while await queue_depth(settings, queue) < n:
+        while (depth := await queue_depth(settings, queue)) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{queue} holds {depth} of the {n} heartbeats published")
             await asyncio.sleep(0.05)
 
 
@@ -90,7 +97,7 @@ async def drain_aio_pika(settings: Settings, queue_name: str, n: int) -> float:
 
         start = time.perf_counter()
         await queue.consume(on_message)
-        await done.wait()
+        await asyncio.wait_for(done.wait(), DRAIN_TIMEOUT_S)
         return time.perf_counter() - start
 
 
@@ -112,7 +119,7 @@ async def drain_aiormq(settings: Settings, queue_name: str, n: int) -> float:
 
         start = time.perf_counter()
         await channel.basic_consume(queue_name, on_message)
-        await done.wait()
+        await asyncio.wait_for(done.wait(), DRAIN_TIMEOUT_S)
         return time.perf_counter() - start
     finally:
         await connection.close()
@@ -136,14 +143,24 @@ async def drain_aggregators(
     aggs = [spawn_aggregator(settings, *extra) for _ in range(procs)]
     try:
         await wait_ready(aggs)
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+
+        def alive() -> None:  # applied() says 0 when an aggregator is gone: do not spin on it
+            if any(agg.popen.poll() is not None for agg in aggs):
+                raise RuntimeError("an aggregator exited during the drain")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not drained within {DRAIN_TIMEOUT_S} s")
+
         with profiled(aggs[0].pid, profile):
             while (first := await applied(aggs)) == 0:
+                alive()
                 await asyncio.sleep(0.01)
             start = time.perf_counter()
             # Scraping costs the aggregator (a py-spy profile: the metrics thread took a fifth
             # of its CPU when scraped every 50 ms), so poll seldom while far from the end and
             # often near it: sleep 80 % of the time the rest should take at the rate so far.
             while (done := await applied(aggs)) < n:
+                alive()
                 rate = max(done - first, 1) / max(time.perf_counter() - start, 1e-3)
                 await asyncio.sleep(min(max(0.8 * (n - done) / rate, 0.01), 0.5))
             elapsed = time.perf_counter() - start
@@ -229,8 +246,15 @@ async def publisher_main(
     print(f"{sent} {elapsed:.3f}", flush=True)
 
 
-async def null_consumer_main(settings: Settings) -> None:
-    """A do-nothing aiormq consumer process of the aggregator queue (until SIGTERM)."""
+async def null_consumer_main(settings: Settings, metrics_port: int) -> None:
+    """A do-nothing aiormq consumer process of the aggregator queue (until SIGTERM). It
+    counts what it consumed in ``hbbus_heartbeats_total`` on ``metrics_port``, as the
+    aggregator counts what it applied, so the ladder judges both by the same counter."""
+    import prometheus_client
+
+    registry = prometheus_client.CollectorRegistry()  # hbbus.metrics has the name too
+    consumed = prometheus_client.Counter("hbbus_heartbeats", "consumed", registry=registry)
+    prometheus_client.start_http_server(metrics_port, "127.0.0.1", registry=registry)
     connection = await aiormq.connect(settings.amqp_url)
     channel = await connection.channel()
     await channel.basic_qos(prefetch_count=PREFETCH)
@@ -239,6 +263,7 @@ async def null_consumer_main(settings: Settings) -> None:
     async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
         nonlocal seen
         seen += 1
+        consumed.inc()
         if seen % ACK_EVERY == 0:
             await channel.basic_ack(message.delivery_tag, multiple=True)
 
@@ -247,22 +272,30 @@ async def null_consumer_main(settings: Settings) -> None:
 
 
 async def one_rate(
-    settings: Settings, rate: int, seconds: float, instances: int, first_seq: int
-) -> tuple[bool, int, int]:
-    """(sustained, heartbeats sent, ready messages at the end)."""
+    settings: Settings,
+    consumer: Proc,
+    rate: int,
+    seconds: float,
+    instances: int,
+    first_seq: int,
+) -> tuple[bool, int]:
+    """(sustained, heartbeats sent). Sustained: the publisher reached the rate, and 0.1 s
+    after it stopped the consumer had taken all it sent but 0.1 s worth + 200 (counted by
+    the consumer, so the messages it holds unacked, up to the prefetch, count as behind)."""
+    before = await applied([consumer])
     pub = spawn_publisher(settings, rate, seconds, instances, first_seq)
-    out, _ = await asyncio.to_thread(pub.popen.communicate)
+    out, _ = await asyncio.to_thread(pub.popen.communicate, timeout=seconds + 60)
     sent, elapsed = (float(x) for x in out.split())
-    await asyncio.sleep(0.05)
-    depth = await queue_depth(settings, Names(settings.namespace).aggregator_queue)
+    await asyncio.sleep(0.1)
+    behind = int(sent) - (await applied([consumer]) - before)
     reached = sent / elapsed
-    ok = reached >= 0.97 * rate and depth <= 0.1 * rate + 200
+    ok = reached >= 0.97 * rate and behind <= 0.1 * rate + 200
     print(
-        f"    rate {rate:>6}/s: publisher reached {reached:>7.0f}/s, ready at end {depth:>6}: "
+        f"    rate {rate:>6}/s: publisher reached {reached:>7.0f}/s, behind at end {behind:>6}: "
         f"{'sustained' if ok else 'NOT sustained'}",
         flush=True,
     )
-    return ok, int(sent), depth
+    return ok, int(sent)
 
 
 def spawn_publisher(
@@ -280,7 +313,7 @@ async def ladder(
     try:
         await asyncio.sleep(1.0)
         for rate in rates:
-            ok, sent, _ = await one_rate(settings, rate, seconds, instances, seq)
+            ok, sent = await one_rate(settings, consumer, rate, seconds, instances, seq)
             seq += sent // instances + 1
             if not ok:
                 break
@@ -310,7 +343,9 @@ async def steady(settings: Settings, quick: bool) -> list[Row]:
     await wait_ready([agg])
     agg_best = await ladder(settings, agg, rates, seconds, instances)
     print("  steady state, do-nothing aiormq consumer process:")
-    null = spawn([__file__, "--role", "null"], settings)
+    port = free_port()
+    null = spawn([__file__, "--role", "null", "--metrics-port", str(port)], settings, port)
+    await wait_ready([null])
     null_best = await ladder(settings, null, rates, seconds, instances)
     ratio = agg_best / null_best if null_best else 0.0
     return [
@@ -360,12 +395,13 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=0)
     parser.add_argument("--first-seq", type=int, default=1)
+    parser.add_argument("--metrics-port", type=int, default=0)
     cli = parser.parse_args()
     if cli.role == "publisher":
         run(
             publisher_main(Settings.from_env(), cli.rate, cli.seconds, cli.instances, cli.first_seq)
         )
     elif cli.role == "null":
-        run(null_consumer_main(Settings.from_env()))
+        run(null_consumer_main(Settings.from_env(), cli.metrics_port))
     else:
         run(main(cli))

@@ -121,8 +121,7 @@ class Heartbeater:
         self.skipped = 0
         self.connects = 0
         self._meta: MetaSource = _check_meta(meta) if isinstance(meta, dict) else meta
-        self._last_meta: Meta = dict(meta) if isinstance(meta, dict) else {}
-        self._last_meta_json = _encode_meta(self._last_meta)
+        self._last_meta_json = _encode_meta(meta if isinstance(meta, dict) else {})
         self._meta_failing = False
         self.set_status(status)
         self._stop = asyncio.Event()
@@ -291,16 +290,13 @@ class Heartbeater:
     def _take_meta(self, value: Any) -> None:
         """Make ``value`` (a dict, or None: keep the last) the meta of the next beats. It is
         encoded and checked every beat, so a change in place, nested or not, goes out with the
-        next beat; the copy is made only when the encoding changed. The host's meta can never
-        stop heartbeats: one that cannot be encoded keeps the last good meta."""
+        next beat. The host's meta can never stop heartbeats: one that cannot be encoded keeps
+        the last good meta."""
         if value is None:
             self._meta_failing = False
             return
         try:
-            encoded = _encode_meta(value)
-            if encoded != self._last_meta_json:
-                self._last_meta = dict(value)
-                self._last_meta_json = encoded
+            self._last_meta_json = _encode_meta(value)
             self._meta_failing = False
         except Exception as exc:
             self._meta_unusable(exc)
@@ -323,7 +319,7 @@ class Heartbeater:
             self.misses,
             int(time.time() * 1000),
             status,
-            self._last_meta,
+            {},  # the meta goes out as encoded by _take_meta
         ).encode(self._last_meta_json)
 
     def _payload(self, number: int, body: bytes, room: int) -> bytes:

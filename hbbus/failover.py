@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from hbbus import metrics
@@ -59,51 +60,54 @@ log = logging.getLogger("hbbus.failover")
 Handler = Callable[[Event], Awaitable[object]]
 ATTEMPT_HEADER = "x-hbbus-attempt"
 
-# KEYS: done key, order hash, inflight key. ARGV: instance id, ord, lease_ms, token.
-# ord 0: an event that is not ordered against the instance's transitions (action events).
-_BEGIN = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 'done' end
-if tonumber(ARGV[2]) > 0 then
-  local last = redis.call('HGET', KEYS[2], ARGV[1])
-  if last and tonumber(last) > tonumber(ARGV[2]) then return 'stale' end
+# The per-group dedupe and in-flight lease of one run of a handler on one event, shared by
+# the scripts below. KEYS: done key, order hash, inflight key. ARGV: instance id, ord (0: an
+# event not ordered against the instance's transitions, as action events), then the script's
+# own argument, then the run's token. Only the lease's holder renews or releases it.
+_RUN_LUA = """
+local DONE, ORDER, INFLIGHT = KEYS[1], KEYS[2], KEYS[3]
+local INST, ORD, TOKEN = ARGV[1], tonumber(ARGV[2]), ARGV[4]
+local function release()
+  if redis.call('GET', INFLIGHT) == TOKEN then redis.call('DEL', INFLIGHT) end
 end
-if redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[3]) then return 'run' end
-return 'busy'
-"""
-# KEYS: done key, order hash, inflight key. ARGV: instance id, ord, done ttl (s), token: the
-# in-flight lease is released only by its holder (it may have run out and been taken over).
-_FINISH = """
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
-if tonumber(ARGV[2]) > 0 then
-  local last = redis.call('HGET', KEYS[2], ARGV[1])
-  if not last or tonumber(last) < tonumber(ARGV[2]) then
-    redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+-- 'done'; the lease renewed ('run': ours); 'stale' (a newer event of the instance was
+-- handled); 'busy' (another run holds it); else the lease taken ('run')
+local function take(lease_ms)
+  if redis.call('EXISTS', DONE) == 1 then return 'done' end
+  local holder = redis.call('GET', INFLIGHT)
+  if holder == TOKEN then
+    redis.call('PEXPIRE', INFLIGHT, lease_ms)
+    return 'run'
   end
+  if ORD > 0 then
+    local last = redis.call('HGET', ORDER, INST)
+    if last and tonumber(last) > ORD then return 'stale' end
+  end
+  if holder then return 'busy' end
+  redis.call('SET', INFLIGHT, TOKEN, 'PX', lease_ms)
+  return 'run'
 end
-if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
+"""
+# ARGV[3]: lease_ms. Whether to run the handler.
+_BEGIN = _RUN_LUA + "return take(ARGV[3])"
+# ARGV[3]: lease_ms. While the handler runs: 1 to go on (the lease renewed, or taken back if
+# it ran out while nobody took it and the event is not stale); 0: stop (another run holds it,
+# or finished the event, or a newer one of the instance was handled).
+_RENEW = _RUN_LUA + "if take(ARGV[3]) == 'run' then return 1 end return 0"
+_RELEASE = _RUN_LUA + "release() return 1"
+# ARGV[3]: done ttl (s). The event handled: done, the instance's order moved, lease released.
+_FINISH = (
+    _RUN_LUA
+    + """
+redis.call('SET', DONE, '1', 'EX', ARGV[3])
+if ORD > 0 then
+  local last = redis.call('HGET', ORDER, INST)
+  if not last or tonumber(last) < ORD then redis.call('HSET', ORDER, INST, ORD) end
+end
+release()
 return 1
 """
-# KEYS: inflight key, done key, order hash. ARGV: token, lease_ms (0: release), instance id,
-# ord. Only the lease's holder renews (or releases) it. 0 when the run must stop: the event
-# is done (another run finished it), or another run holds the lease. A lease that ran out
-# while nobody took it is the holder's again, unless a newer event of the instance was handled
-# meanwhile (the event is stale now, as _BEGIN would say).
-_RENEW = """
-local holder = redis.call('GET', KEYS[1])
-if tonumber(ARGV[2]) == 0 then
-  if holder == ARGV[1] then redis.call('DEL', KEYS[1]) end
-  return 1
-end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if holder then return 0 end
-if tonumber(ARGV[4]) > 0 then
-  local last = redis.call('HGET', KEYS[3], ARGV[3])
-  if last and tonumber(last) > tonumber(ARGV[4]) then return 0 end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
+)
 
 
 class _TakenOver(Exception):
@@ -231,7 +235,11 @@ class FailoverConsumer:
         return register
 
     def add_action(self, action: Action) -> None:
-        """Run ``action`` for the kinds it handles (its type names it in logs and events)."""
+        """Run ``action`` for the kinds it handles (its type names it in logs and events). An
+        action with a timeout of its own gets 5 s more than it as the handler timeout, so its
+        own timeout, with its clearer error, comes first."""
+        if action.timeout_s:
+            self.handler_timeout_s = max(self.handler_timeout_s, action.timeout_s + 5)
         if self.action == "handler":
             self.action = action.type
         for kind in sorted(action.kinds):
@@ -255,6 +263,7 @@ class FailoverConsumer:
         self._begin = redis.register_script(_BEGIN)
         self._finish = redis.register_script(_FINISH)
         self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
         try:
             await redis.ping()
             connection = await connect(self.settings, f"hbbus-failover {self.group}")
@@ -362,10 +371,7 @@ class FailoverConsumer:
             instance=event.instance_id,
             ord=event.ord,
         )
-        verdict = await self._begin(
-            keys=[run.done, run.order, run.inflight],
-            args=[run.instance, run.ord, self.lease_ms, run.token],
-        )
+        verdict = await self._script(self._begin, run, self.lease_ms)
         if verdict in ("done", "stale"):
             log.debug(
                 "failover %s: %s event %s skipped (%s)", self.group, event.kind, event.id, verdict
@@ -382,13 +388,10 @@ class FailoverConsumer:
             return "busy"
         return await self._run_handler(handler, event, message, run, attempt)
 
-    async def _lease(self, run: _Run, lease_ms: int) -> int:
-        """Renew (``lease_ms`` 0: release) the run's in-flight lease; 0: the run must stop."""
-        return int(
-            await self._renew(
-                keys=[run.inflight, run.done, run.order],
-                args=[run.token, lease_ms, run.instance, run.ord],
-            )
+    async def _script(self, script: AsyncScript, run: _Run, arg: int) -> Any:
+        """Run one of the run scripts (_BEGIN, _RENEW, _RELEASE, _FINISH) for ``run``."""
+        return await script(
+            keys=[run.done, run.order, run.inflight], args=[run.instance, run.ord, arg, run.token]
         )
 
     async def _keep_lease(self, run: _Run) -> None:
@@ -399,7 +402,7 @@ class FailoverConsumer:
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
             with contextlib.suppress(RedisError, OSError):
-                if not await self._lease(run, self.lease_ms):
+                if not await self._script(self._renew, run, self.lease_ms):
                     return
 
     async def _call(self, handler: Handler, event: Event, run: _Run) -> object:
@@ -433,7 +436,7 @@ class FailoverConsumer:
             detail = await self._call(handler, event, run)
         except asyncio.CancelledError:
             with contextlib.suppress(RedisError, OSError):
-                await self._lease(run, 0)  # another member may take it
+                await self._script(self._release, run, 0)  # another member may take it
             raise
         except _TakenOver as exc:
             log.warning(
@@ -445,7 +448,7 @@ class FailoverConsumer:
             )
             return "taken-over"
         except Exception as exc:
-            await self._lease(run, 0)
+            await self._script(self._release, run, 0)
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if isinstance(exc, TimeoutError):
                 error = f"handler timed out after {self.handler_timeout_s:g}s"
@@ -454,10 +457,7 @@ class FailoverConsumer:
             )
         text = _detail_text(detail)
         # done first: an action that succeeded must not run again because its report failed
-        await self._finish(
-            keys=[run.done, run.order, run.inflight],
-            args=[run.instance, run.ord, self.dedupe_ttl_s, run.token],
-        )
+        await self._script(self._finish, run, self.dedupe_ttl_s)
         await self._report(event, "action.succeeded", attempt, {"detail": text})
         log.info(
             "failover %s (%s): %s %s handled (attempt %d)%s",

@@ -219,15 +219,38 @@ async def test_the_aggregator_consumes_again_after_the_broker_cancels_it(
     """The aggregator queue is deleted under a running aggregator (the broker cancels its
     consumer): it declares the queue again and goes on applying heartbeats."""
     [agg] = await aggregators(1)
-    first = await fleet(settings, "cancelled", 1)
-    await sink.wait_for("joined", count=1, timeout_s=10)
-    connection = await connect(settings, "test-delete-queue", robust=False)
-    async with connection:
-        channel = await connection.channel()
-        await channel.queue_delete(Names(settings.namespace).aggregator_queue)
-    later = await fleet(settings, "after", 1)
-    joined = await sink.wait_for("joined", count=2, timeout_s=10)
-    assert {e["service"] for e in joined} == {"cancelled", "after"}
-    assert agg.aggregator._consumer_tag is not None
-    for b in first + later:
-        await b.stop()
+    beaters = await fleet(settings, "cancelled", 1)
+    try:
+        await sink.wait_for("joined", count=1, timeout_s=10)
+        connection = await connect(settings, "test-delete-queue", robust=False)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(Names(settings.namespace).aggregator_queue)
+        beaters += await fleet(settings, "after", 1)
+        joined = await sink.wait_for("joined", count=2, timeout_s=10)
+        assert {e["service"] for e in joined} == {"cancelled", "after"}
+        assert agg.aggregator._consumer_tag is not None
+    finally:
+        for b in beaters:
+            await b.stop()
+
+
+async def test_a_consumer_wanted_no_more_is_not_started_by_a_pending_retry(settings, aggregators):
+    """A retry of the consume (after a reconnect or a broker cancel) that runs after the
+    aggregator decided to stop consuming (Redis lost) must not consume: the channel follows
+    the aggregator's intent as it is when the retry runs, never the one it was started for."""
+    [proc] = await aggregators(1)
+    agg = proc.aggregator
+    channel = await agg._consume_channel.get_underlay_channel()
+    assert agg._consumer_tag in channel.consumers
+    async with agg._consume_lock:  # the retry starts and waits here, as behind a reconnect
+        agg._resync_consumer("test")
+        await asyncio.sleep(0)
+        agg._want_consumer = False  # as _redis_lost decides meanwhile
+    await agg._sync_consumer()
+    await asyncio.wait_for(agg._resync, 10)
+    assert agg._consumer_tag is None and not channel.consumers, "consuming after all"
+    agg._want_consumer = True  # as when Redis is back
+    agg._resync_consumer("test")
+    await asyncio.wait_for(agg._resync, 10)
+    assert agg._consumer_tag in channel.consumers

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 
 import aio_pika
 import aiormq
@@ -204,13 +205,8 @@ async def test_a_frame_without_its_end_byte_is_refused():
         await BufferedFrameReceiver(reader_of([bytes(data)])).get_frame()
 
 
-async def test_a_connection_reads_through_the_buffered_reader(settings, monkeypatch):
-    """A real connection opens, consumes a large body and many small ones, and closes, all
-    through the buffered reader; use_buffered_frame_reader is idempotent."""
-    monkeypatch.setattr(aiormq.connection, "FrameReceiver", aiormq.connection.FrameReceiver)
-    assert use_buffered_frame_reader()
-    assert use_buffered_frame_reader()
-    assert aiormq.connection.FrameReceiver is BufferedFrameReceiver
+def receivers_built(monkeypatch: pytest.MonkeyPatch) -> list[BufferedFrameReceiver]:
+    """The buffered readers built from now on (one per connection opened)."""
     used: list[BufferedFrameReceiver] = []
     real_init = BufferedFrameReceiver.__init__
 
@@ -219,6 +215,17 @@ async def test_a_connection_reads_through_the_buffered_reader(settings, monkeypa
         used.append(self)
 
     monkeypatch.setattr(BufferedFrameReceiver, "__init__", counting_init)
+    return used
+
+
+async def test_a_connection_reads_through_the_buffered_reader(settings, monkeypatch):
+    """A real connection opens, consumes a large body and many small ones, and closes, all
+    through the buffered reader; use_buffered_frame_reader is idempotent."""
+    monkeypatch.setattr(aiormq.connection, "FrameReceiver", aiormq.connection.FrameReceiver)
+    assert use_buffered_frame_reader()
+    assert use_buffered_frame_reader()
+    assert aiormq.connection.FrameReceiver is BufferedFrameReceiver
+    used = receivers_built(monkeypatch)
     connection = await connect(settings, "test-buffered-reader", robust=False)
     async with connection:
         assert len(used) == 1, "the connection did not read through the buffered reader"
@@ -262,14 +269,17 @@ async def test_a_robust_connection_reading_through_it_survives_a_broker_restart(
 ):
     """The aggregator's connection: robust, reading through the buffered reader. The broker
     stops (the reader sees the end of the stream) and starts again; the connection comes back
-    and a consumer gets messages again."""
+    and a consumer gets messages again, reading through a new buffered reader."""
     monkeypatch.setattr(aiormq.connection, "FrameReceiver", aiormq.connection.FrameReceiver)
     assert use_buffered_frame_reader()
-    settings = Settings(amqp_url=private_rabbit.url, namespace="t-frames-restart")
+    used = receivers_built(monkeypatch)
+    name = f"t-frames-restart-{secrets.token_hex(3)}"
+    settings = Settings(amqp_url=private_rabbit.url, namespace=name)
     connection = await connect(settings, "test-buffered-restart")
     try:
+        assert len(used) == 1
         channel = await connection.channel()
-        queue = await channel.declare_queue("t-frames-restart", durable=False, auto_delete=False)
+        queue = await channel.declare_queue(name, durable=False, auto_delete=False)
         got: list[bytes] = []
 
         async def on_message(message) -> None:  # type: ignore[no-untyped-def]
@@ -292,5 +302,6 @@ async def test_a_robust_connection_reading_through_it_survives_a_broker_restart(
 
         await wait_until(publish_after, 30, "a confirmed publish after the restart")
         await wait_until(lambda: b"after" in got, 30, "a message after the restart")
+        assert len(used) >= 2, "the reconnected connection did not read through it"
     finally:
         await connection.close()

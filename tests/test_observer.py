@@ -202,9 +202,10 @@ async def test_adaptive_deadlines_no_false_dead_under_jitter_and_stop_within_cei
         await store.close()
     await aggregators(1)
     rng = random.Random(11)
-    # gaps 100..400 ms (0.5x..2x the 200 ms interval). The first 20 (the detector's warm-up,
-    # when the declared TTL still applies) declare 200 ms x 4 = 800 ms; the next 40 declare
-    # 200 ms x 1 = 200 ms, which their gaps overrun: only the adaptive deadline keeps it alive.
+    # gaps 100..400 ms (0.5x..2x the 200 ms interval). The first 21 beats (20 gaps: the
+    # detector's warm-up, when the declared TTL still applies) declare 200 ms x 4 = 800 ms;
+    # the next 39 declare 200 ms x 1 = 200 ms, which their gaps overrun: only the adaptive
+    # deadline keeps it alive.
     for seq in range(1, 61):
         await publish_beat(settings, seq, misses=4 if seq <= 21 else 1)
         await asyncio.sleep(rng.uniform(0.1, 0.4))

@@ -334,3 +334,23 @@ async def test_a_cancelled_promotion_lets_another_member_resume_it_at_once(
     assert task.cancelled()
     verdict, again, _, _ = await table.begin_promotion("db", "a", "w2", 5000)
     assert (verdict, again) == ("resume", epoch)
+
+
+async def test_reconcile_gives_a_muted_recovery_the_reason_failover_was_told(settings):
+    """An instance failover was told is dead (``pub`` dead) whose recovery was kept quiet
+    (flap damping: alive again in the store) stays out of routing as "dead", the reason the
+    live path gave it, so a redis-promote worker starting later still sees a dead primary."""
+    store = Store.from_settings(settings)
+    try:
+        beat = Heartbeat("db", "db-0", "i1", 1, 10_000, 3, 0, "ok", {"endpoint": "h:0"})
+        _, joined = await store.ingest([(beat, 10_000, 30_000)], "t", 2**50)
+        await store.finalize(e.id for e in joined)
+        async with running(routes_consumer(settings, "before")):
+            pass  # its start reconciles: db-0 routable
+        await store.redis.hset(store.names.record_key("db", "db-0"), "pub", "dead")
+        async with running(routes_consumer(settings, "after")):
+            pass  # reconciles again
+        entry = (await RoutingTable(store.redis, store.names).read("db")).entries["db-0"]
+        assert not entry.routable and entry.reason == "dead"
+    finally:
+        await store.close()

@@ -162,8 +162,7 @@ async def test_a_record_of_the_earlier_layout_keeps_its_meta(store):
     await store.redis.delete(n.meta_key("svc", "a"))
     await store.redis.lpush(n.key_prefix + "hist:svc/a", "{}")
     assert (await store.record("svc", "a"))["meta"] == '{"endpoint":"x"}'
-    await asyncio.sleep(0.25)  # past the TTL (200 ms)
-    dead = [e for e in (await claim(store)).events if e.routing_key.startswith("dead.")]
+    dead = await wait_until(lambda: _claim_kind(store, "dead"), 3, "dead")  # TTL 200 ms
     assert [orjson.loads(e.body)["meta"] for e in dead] == [{"endpoint": "x"}]
     await store.finalize(e.id for e in dead)
     await ingest(store, hb(2, meta={"endpoint": "y"}))  # the next heartbeat moves it
@@ -457,5 +456,24 @@ async def test_an_upgraded_namespace_counts_its_members_for_the_guard(settings):
         await wait_until(judged, 5, "the stopped instances judged", poll_s=0.05)
         assert "mass-expiry.service.svc" in seen
         assert not [k for k in seen if k.startswith("dead.")], "held, not published"
+    finally:
+        await store.close()
+
+
+async def test_a_store_born_again_under_a_running_fleet_trusts_its_notalive_index(settings):
+    """The store's birth (its epoch created: a new namespace, or Redis lost its data) marks
+    the `notalive` index complete, whatever the ingest brings before the reaper's first
+    claim: a fleet that re-fills `instances` at once does not make the namespace count
+    member by member for good."""
+    store = Store.from_settings(settings, StoreConfig(lease_ms=200))
+    try:
+        await ingest(store, *[hb(1, inst=f"b{i}") for i in range(5)])
+        assert await store.redis.hget(store.names.observer_key, "notalive") == "complete"
+        # Redis lost its data; the first ingest after it already carries the fleet
+        keys = [k async for k in store.redis.scan_iter(match=f"{store.names.key_prefix}*")]
+        await store.redis.delete(*keys)
+        await ingest(store, *[hb(2, inst=f"b{i}") for i in range(5)])
+        assert await store.redis.scard(store.names.instances_key) == 5
+        assert await store.redis.hget(store.names.observer_key, "notalive") == "complete"
     finally:
         await store.close()

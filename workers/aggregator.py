@@ -215,9 +215,11 @@ class Aggregator:
         self._queue: aio_pika.abc.AbstractQueue | None = None
         self._consume_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._consumer_tag: str | None = None
-        self._consuming = False  # whether we mean to consume (the reopen callback reads it)
+        # whether we mean to consume: only the start, a Redis outage (off, then on) and the
+        # stop change it; _sync_consumer makes the channel match it
+        self._want_consumer = False
         self._consume_lock = asyncio.Lock()
-        self._background: set[asyncio.Future[None]] = set()  # consuming again after a cancel
+        self._resync: asyncio.Task[None] | None = None  # retrying _sync_consumer
         self.redis_ok = True
         self._clock_offset_ms = 0.0
 
@@ -266,7 +268,8 @@ class Aggregator:
         reaper = asyncio.create_task(self._reaper_loop(store), name="hbbus-reaper")
         prober = asyncio.create_task(self._probe_loop(heartbeats), name="hbbus-probe")
         self._queue = queue
-        await self._consume()
+        self._want_consumer = True
+        await self._sync_consumer()
         log.info("aggregator %s consuming %s", self.name, queue.name)
         self.ready.set()
         stopped = asyncio.ensure_future(stop.wait())
@@ -276,8 +279,13 @@ class Aggregator:
             )
         finally:
             stopped.cancel()
-            await self._cancel()
+            self._want_consumer = False
+            with contextlib.suppress(*AMQP_ERRORS):
+                await self._sync_consumer()
             self._stopping.set()
+            if self._resync is not None:
+                self._resync.cancel()
+                await asyncio.wait({self._resync})
             self._wake.set()
             await asyncio.gather(ingest, reaper, prober, return_exceptions=True)
             with contextlib.suppress(*REDIS_ERRORS):
@@ -287,66 +295,70 @@ class Aggregator:
                     raise task.exception()  # type: ignore[misc]
 
     # -- ingest ------------------------------------------------------------------------------
-    async def _consume(self) -> None:
-        """Consume the aggregator queue on the robust channel's current aiormq channel, unless
-        our consumer is already on it (a reconnect and the end of a Redis outage can both get
-        here at once: one consumer, never two)."""
+    async def _sync_consumer(self, restore_queue: bool = False) -> None:
+        """Make the consume channel match ``_want_consumer``: our consumer on the robust
+        channel's current aiormq channel (one, never two), or none. Serialised, so a reconnect,
+        a broker cancel, a Redis outage and the stop cannot interleave their changes.
+        ``restore_queue``: declare the queue and its bindings again first (the broker
+        cancelled the consumer because the queue was deleted)."""
         assert self._consume_channel is not None and self._queue is not None
-        self._consuming = True
         async with self._consume_lock:
             channel = cast(aiormq.Channel, await self._consume_channel.get_underlay_channel())
-            if self._consumer_tag is not None and self._consumer_tag in channel.consumers:
+            tag = self._consumer_tag
+            ours = tag is not None and tag in channel.consumers
+            if not self._want_consumer:
+                self._consumer_tag = None
+                if ours and tag is not None:
+                    await channel.basic_cancel(tag)
                 return
+            if ours:
+                return
+            if restore_queue:
+                await cast(aio_pika.abc.AbstractRobustQueue, self._queue).restore()
             if not direct_delivery(channel, self._take):
                 log.info("this aiormq has no per-delivery hook: deliveries go through tasks")
             channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
             ok = await channel.basic_consume(self._queue.name, self._on_message)
             self._consumer_tag = ok.consumer_tag
 
+    def _resync_consumer(self, why: str, restore_queue: bool = False) -> None:
+        """Sync the consumer in a task, retrying every second while the broker refuses (one
+        such task at a time: a later call while it runs is covered by it, since it goes on
+        until the channel matches the intent as it is then)."""
+        if self._resync is not None and not self._resync.done():
+            return
+
+        async def resync() -> None:
+            while not self._stopping.is_set():
+                try:
+                    await self._sync_consumer(restore_queue)
+                except AMQP_ERRORS as exc:
+                    log.warning("aggregator %s: consuming again failed (%s)", self.name, exc)
+                    await sleep_or_stop(self._stopping, 1.0)
+                    continue
+                if self._want_consumer == (self._consumer_tag is not None):
+                    if self._want_consumer:
+                        log.warning("aggregator %s consuming again (%s)", self.name, why)
+                    return
+
+        self._resync = asyncio.create_task(resync(), name="hbbus-consume-again")
+
     def _on_cancelled(self, frame: aiormq.spec.Basic.Cancel) -> None:
         """The broker cancelled our consumer (the queue was deleted, its node went away): the
-        robust channel does not know this consumer, so declare the queue and consume again
-        here, in a task (this runs inside the channel's reader)."""
-        if frame.consumer_tag != self._consumer_tag or not self._consuming:
+        robust channel does not know this consumer (we consume on its aiormq channel), so we
+        restore the queue and consume again ourselves (in a task: this runs in the reader)."""
+        if frame.consumer_tag != self._consumer_tag:
             return
         self._consumer_tag = None
-        log.warning("aggregator %s: the broker cancelled its consumer; consuming again", self.name)
-        task = asyncio.ensure_future(self._consume_again())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _consume_again(self) -> None:
-        while self._consuming and not self._stopping.is_set():
-            try:
-                assert self._consume_channel is not None
-                self._queue = await declare_ingest(self._consume_channel, self.names)
-                await self._consume()
-                return
-            except AMQP_ERRORS as exc:
-                log.warning("aggregator %s: consuming again failed (%s)", self.name, exc)
-                await sleep_or_stop(self._stopping, 1.0)
-
-    async def _cancel(self) -> None:
-        self._consuming = False
-        tag, self._consumer_tag = self._consumer_tag, None
-        if tag is None or self._consume_channel is None:
-            return
-        with contextlib.suppress(*AMQP_ERRORS):
-            channel = await self._consume_channel.get_underlay_channel()
-            await channel.basic_cancel(tag)
+        log.warning("aggregator %s: the broker cancelled its consumer", self.name)
+        self._resync_consumer("after the broker cancelled it", restore_queue=True)
 
     async def _on_reopen(self, *_: object) -> None:
         """The robust connection reopened the channel: what was in hand went back to the
-        queue with the old channel; consume again on the new one. (aio-pika drops what a
-        reopen callback raises: log it here.)"""
+        queue with the old channel; consume again on the new one (aio-pika drops what a
+        reopen callback raises, hence the retrying task)."""
         self._buffer = []
-        if self._consuming and not self._stopping.is_set():
-            try:
-                await self._consume()
-            except Exception:
-                log.exception("aggregator %s could not consume again after a reconnect", self.name)
-                raise
-            log.warning("aggregator %s consuming again after a reconnect", self.name)
+        self._resync_consumer("after a reconnect")
 
     def _take(self, message: DeliveredMessage) -> None:
         self._buffer.append(message)
@@ -426,7 +438,9 @@ class Aggregator:
         take them), wait for Redis, then consume again."""
         log.warning("Redis failed (%s): pausing ingest, heartbeats go back to the queue", exc)
         self.redis_ok = False
-        await self._cancel()
+        self._want_consumer = False
+        with contextlib.suppress(*AMQP_ERRORS):  # a channel gone has no consumer either
+            await self._sync_consumer()
         held, self._buffer = self._buffer, []
         with contextlib.suppress(*AMQP_ERRORS):
             # multiple=True covers every unacked delivery up to the latest on this channel
@@ -441,10 +455,10 @@ class Aggregator:
             return
         self.redis_ok = True
         log.warning("Redis is back: ingest resumes")
-        if self._queue is not None:
-            with contextlib.suppress(*REDIS_ERRORS):  # hold the watermark before consuming again
-                await store.ingest([], self.name, 0)
-            await self._consume()
+        with contextlib.suppress(*REDIS_ERRORS):  # hold the watermark before consuming again
+            await store.ingest([], self.name, 0)
+        self._want_consumer = True
+        self._resync_consumer("after the Redis outage")
 
     async def _park(
         self, store: Store, invalid: list[tuple[DeliveredMessage, InvalidMessage]]

@@ -255,7 +255,7 @@ def build_consumer(settings: Settings, spec: ActionSpec) -> FailoverConsumer:
         spec.name,
         spec.bindings,
         retry=spec.retry,
-        handler_timeout_s=max(spec.handler_timeout_s, spec.action.timeout_s + 5),
+        handler_timeout_s=spec.handler_timeout_s,
     )
     consumer.add_action(spec.action)
     return consumer
@@ -284,8 +284,6 @@ def exec_consumer(
     timeout_s: float,
 ) -> FailoverConsumer:
     """A consumer of ``group`` that runs ``command`` once per event its bindings match."""
-    consumer = FailoverConsumer(
-        settings, group, bindings, retry=retry, handler_timeout_s=timeout_s + 5
-    )
+    consumer = FailoverConsumer(settings, group, bindings, retry=retry)
     consumer.add_action(ExecAction(command, timeout_s))
     return consumer

@@ -185,15 +185,17 @@ class RedisPromoteAction(Action):
             return await self._promote_steps(epoch, old, candidate)
         except asyncio.CancelledError:
             # cancelled (shutdown, or another member took the event over): let the lock run
-            # out now, so the member that resumes the promotion need not wait for its lease;
-            # never abort here: after REPLICAOF NO ONE that would unfence the old primary
+            # out now (the keeper stopped first, so no renewal lands after), and the member
+            # that resumes the promotion need not wait for its lease; never abort here: after
+            # REPLICAOF NO ONE that would unfence the old primary
+            keeper.cancel()
+            await asyncio.wait({keeper})
             with contextlib.suppress(RedisError, OSError):
                 await self.table.promotion_step(self.service, epoch, self.consumer.token, 0)
             raise
         finally:
             keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            await asyncio.wait({keeper})  # never raises: a second cancel is not swallowed
 
     async def _keep_lock(self, epoch: int) -> None:
         while True:

@@ -92,7 +92,9 @@ class RoutesAction(Action):
             state = record.get("state")
             change: Change | None
             if state == "left" or record.get("pub") == "dead":
-                change = await self.table.remove(event.service, event.instance, str(state))
+                # the reason failover was told ("dead" also while a muted recovery is alive)
+                reason = "left" if state == "left" else "dead"
+                change = await self.table.remove(event.service, event.instance, reason)
             elif state in ("alive", "suspect"):
                 change = await self.table.upsert(event)
             else:  # a death that was not published (maintenance, the guard, flap damping):

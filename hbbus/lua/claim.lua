@@ -58,9 +58,11 @@ if wm == 0 then wm = nil end  -- a live aggregator that has not caught up yet ho
 
 local obs = redis.call('HMGET', K_OBSERVER, 'state', 'since', 'last_wm', 'recovered_at',
   'notalive')
--- Whether K_NOTALIVE holds every instance that is not alive: from a namespace's start on (the
--- scripts keep it up to date). A namespace that already had instances when it came in (an
--- upgrade from a version without it) never relies on it: its guard counts member by member.
+-- Whether K_NOTALIVE holds every instance that is not alive: from a store's birth on (ingest.lua
+-- marks it when it creates the epoch; here for a namespace whose store was born before that
+-- mark existed, once it has no instances). A namespace that already had instances when it
+-- came in (an upgrade from a version without it) never relies on it: its guard counts member
+-- by member.
 local notalive_complete = obs[5] == 'complete'
 if not notalive_complete and redis.call('SCARD', K_INSTANCES) == 0 then
   redis.call('HSET', K_OBSERVER, 'notalive', 'complete')
