@@ -31,6 +31,7 @@ from common import (
     header,
     namespace,
     percentile,
+    profiled,
     queue_depth,
     run,
     spawn,
@@ -83,6 +84,7 @@ class DeadSink:
     def __init__(self, sample_count: int) -> None:
         self.sample_count = sample_count
         self.lateness_ms: dict[str, float] = {}  # sample instance -> ms after its deadline
+        self.claimed_ms: dict[str, float] = {}  # of which until the reaper claimed its death
         self.other_dead = 0
         self.connection: aiormq.abc.AbstractConnection | None = None
 
@@ -107,7 +109,10 @@ class DeadSink:
             self.other_dead += 1
             return
         # a duplicate (the same death published twice) must not stand in for a missing one
-        self.lateness_ms.setdefault(instance, arrived - (event["last_seen_ms"] + event["ttl_ms"]))
+        if instance not in self.lateness_ms:
+            deadline = event["last_seen_ms"] + event["ttl_ms"]
+            self.lateness_ms[instance] = arrived - deadline
+            self.claimed_ms[instance] = event["at_ms"] - deadline
 
     async def close(self) -> None:
         if self.connection is not None:
@@ -177,7 +182,10 @@ async def one_size(n: int, sample_count: int, profile: str | None) -> Row:
                 f"  {n:,} instances tracked and settled in {time.perf_counter() - t0:.1f} s",
                 flush=True,
             )
-            await samples(settings, 0, sample_count, waves=WAVES)
+            backlog = await queue_depth(settings, Names(settings.namespace).aggregator_queue)
+            print(f"  heartbeats waiting in the queue as the samples start: {backlog}", flush=True)
+            with profiled(agg.pid, profile):  # the aggregator at steady state
+                await samples(settings, 0, sample_count, waves=WAVES)
             # the last wave's deaths are due one TTL after it stopped; wait for them, bounded
             deadline = time.monotonic() + SAMPLE_INTERVAL_MS * 3 / 1000 + 10.0
             while len(sink.lateness_ms) < sample_count and time.monotonic() < deadline:
@@ -190,11 +198,15 @@ async def one_size(n: int, sample_count: int, profile: str | None) -> Row:
             await store.close()
     lat = list(sink.lateness_ms.values())
     per_wave = max(1, sample_count // WAVES)
-    waves: dict[int, list[float]] = {}
+    waves: dict[int, list[tuple[float, float]]] = {}
     for instance, ms in sink.lateness_ms.items():
-        waves.setdefault(int(instance.removeprefix("i")) // per_wave, []).append(ms)
-    print(  # one slow wave, or all of them slow: different causes
-        "  worst lateness per wave, ms: " + " ".join(f"{max(waves[w]):.0f}" for w in sorted(waves)),
+        wave = waves.setdefault(int(instance.removeprefix("i")) // per_wave, [])
+        wave.append((ms, sink.claimed_ms[instance]))
+    # one slow wave, or all of them slow: different causes; and claimed late (the watermark,
+    # the reaper) or delivered late (publishing, the broker, this process)
+    print(
+        "  worst lateness per wave, ms (of which until claimed): "
+        + " ".join("{:.0f} ({:.0f})".format(*max(waves[w])) for w in sorted(waves)),
         flush=True,
     )
     p50, p99, worst = percentile(lat, 50), percentile(lat, 99), max(lat, default=float("nan"))

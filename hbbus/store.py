@@ -91,6 +91,9 @@ class ClaimResult:
     now_ms: int
     next_due_ms: int | None
     events: list[OutEvent]
+    #: when ``next_due_ms`` is already past (it waits for the watermark): the first deadline
+    #: after ``now_ms``, if any
+    upcoming_ms: int | None = None
 
 
 def _events(flat: Sequence[Any]) -> list[OutEvent]:
@@ -238,8 +241,13 @@ class Store:
         """Claim due transitions and expired outbox leases (the reaper's step); ``aggregator``
         is the caller, alive even while its ingest waits."""
         reply = await self._claim(keys=self._keys, args=[*self._common, limit, aggregator])
-        nxt = int(reply[1])
-        return ClaimResult(int(reply[0]), nxt if nxt >= 0 else None, _events(reply[2:]))
+        nxt, upcoming = int(reply[1]), int(reply[2])
+        return ClaimResult(
+            int(reply[0]),
+            nxt if nxt >= 0 else None,
+            _events(reply[3:]),
+            upcoming if upcoming >= 0 else None,
+        )
 
     async def finalize(self, event_ids: Iterable[str]) -> None:
         """Drop published (confirmed) events from the outbox."""

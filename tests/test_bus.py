@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import orjson
@@ -254,3 +255,16 @@ async def test_a_consumer_wanted_no_more_is_not_started_by_a_pending_retry(setti
     agg._resync_consumer("test")
     await asyncio.wait_for(agg._resync, 10)
     assert agg._consumer_tag in channel.consumers
+
+
+async def test_a_passed_deadline_does_not_wait_for_the_next_probe(settings, aggregators, sink):
+    """Probes go every minute here, so only the probe the reaper has sent when a deadline
+    passes can let the death go (else it would wait up to a minute)."""
+    config = dataclasses.replace(FAST, probe_interval_ms=60_000)
+    await aggregators(1, config)
+    beater = Heartbeater("slow", "slow-1", interval_s=INTERVAL_S, misses=MISSES, settings=settings)
+    await beater.start()
+    await sink.wait_for("joined", "slow-1")
+    await beater.abort()
+    await sink.wait_for("suspect", "slow-1", timeout_s=10)
+    await sink.wait_for("dead", "slow-1", timeout_s=10)

@@ -477,3 +477,28 @@ async def test_a_store_born_again_under_a_running_fleet_trusts_its_notalive_inde
         assert await store.redis.hget(store.names.observer_key, "notalive") == "complete"
     finally:
         await store.close()
+
+
+async def test_claim_names_the_next_deadline_to_come_while_one_past_waits(store):
+    """A deadline past that no probe vouches for yet, and one still to come: the claim says
+    both (the reaper has a probe sent for each as it passes)."""
+    await ingest(store, hb(1, inst="soon"))
+    _, joined = await store.ingest([(hb(1, inst="later"), 10_000, 30_000)], "t", CAUGHT_UP)
+    await store.finalize(e.id for e in joined)
+    # the watermark stays before the first deadline: probe stamp 1
+    await store.ingest([], "t", 1)
+    soon = float(await store.redis.zscore(store.names.deadlines_key, "svc/soon"))
+    later = float(await store.redis.zscore(store.names.deadlines_key, "svc/later"))
+
+    async def past():
+        result = await store.claim(aggregator="t")
+        return result if result.now_ms >= soon else None
+
+    result = await wait_until(past, timeout_s=5, what="the first deadline to pass")
+    assert result.events == []  # not vouched for: nobody judged
+    assert (result.next_due_ms, result.upcoming_ms) == (soon, later)
+    await store.ingest([], "t", CAUGHT_UP)
+    result = await store.claim(aggregator="t")
+    assert "suspect.svc.soon" in [e.routing_key for e in result.events]
+    # nothing past waits any more: the next deadline (soon's death) is the one to sleep until
+    assert result.next_due_ms > result.now_ms and result.upcoming_ms is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 from hypothesis import given
@@ -14,8 +16,9 @@ from hbbus.failover import RetryPolicy
 from hbbus.names import Names, split_instance_id
 from hbbus.ops import topic_match
 from hbbus.settings import NAME_RE, Settings, redact
+from hbbus.store import ClaimResult
 from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_event, decode_heartbeat
-from hbbus.workers.aggregator import AggregatorConfig, coalesce
+from hbbus.workers.aggregator import Aggregator, AggregatorConfig, coalesce
 
 names = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
 json_scalars = st.one_of(
@@ -244,3 +247,32 @@ def test_parse_meta():
     }
     with pytest.raises(ConfigError):
         parse_meta(("novalue",))
+
+
+async def test_a_deadline_that_passes_while_the_reaper_waits_gets_a_probe_of_its_own():
+    """A deadline past and vouched for by a probe on its way, and a later one a few ms
+    after: the reaper, waiting for the watermark, has a probe sent for the later one when it
+    passes, instead of one round trip after the other."""
+    agg = Aggregator(Settings(namespace="units"), AggregatorConfig(probe_interval_ms=300))
+    now = 1_000_000
+    agg._probe_stamp_ms = now  # the probe for the past deadline is on its way
+    result = ClaimResult(now, now - 5, [], upcoming_ms=now + 30)
+    waiting = asyncio.ensure_future(agg._reaper_sleep(result, 0.05))
+    await asyncio.sleep(0)
+    assert not agg._probe_now.is_set()  # the past deadline has its probe
+    await asyncio.wait_for(agg._probe_now.wait(), 1)
+    assert agg._probe_due_ms == now + 30
+    assert not waiting.done()  # and it still waits for the watermark
+    agg._watermark_moved.set()
+    await asyncio.wait_for(waiting, 1)
+
+
+async def test_a_future_deadline_gets_its_probe_when_it_passes():
+    agg = Aggregator(Settings(namespace="units"), AggregatorConfig(probe_interval_ms=300))
+    now = 1_000_000
+    agg._probe_stamp_ms = now
+    await agg._reaper_sleep(ClaimResult(now, now + 20, []), 0.05)
+    assert agg._probe_now.is_set() and agg._probe_due_ms == now + 20
+    agg._probe_now.clear()
+    await agg._reaper_sleep(ClaimResult(now, now + 500, []), 0.01)  # beyond the longest sleep
+    assert not agg._probe_now.is_set()

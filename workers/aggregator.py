@@ -50,11 +50,15 @@ from hbbus.errors import DeliveryFailed, InvalidMessage
 from hbbus.names import Names
 from hbbus.runtime import sleep_or_stop, stop_reason, wait_event
 from hbbus.settings import Settings
-from hbbus.store import OutEvent, Store, StoreConfig
+from hbbus.store import ClaimResult, OutEvent, Store, StoreConfig
 from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_heartbeat, decode_probe, encode_probe
 
 log = logging.getLogger("hbbus.aggregator")
 REDIS_ERRORS = (RedisError, OSError)
+
+
+#: the reaper's kicks send a probe at most this often (200 a second), whatever the deadlines
+PROBE_MIN_GAP_MS = 5
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,9 @@ class Aggregator:
         self._buffer: list[DeliveredMessage] = []
         self._wake = asyncio.Event()
         self._watermark_moved = asyncio.Event()  # a probe was applied: due verdicts may go
+        self._probe_now = asyncio.Event()  # a deadline passed: send a probe without waiting
+        self._probe_stamp_ms = 0  # the stamp of the newest probe sent
+        self._probe_due_ms = 0  # the latest deadline a probe was asked for
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.store: Store | None = None
@@ -287,6 +294,7 @@ class Aggregator:
                 self._resync.cancel()
                 await asyncio.wait({self._resync})
             self._wake.set()
+            self._probe_now.set()
             await asyncio.gather(ingest, reaper, prober, return_exceptions=True)
             with contextlib.suppress(*REDIS_ERRORS):
                 await store.unregister(self.name)
@@ -502,17 +510,36 @@ class Aggregator:
 
     # -- reaper ------------------------------------------------------------------------------
     async def _probe_loop(self, heartbeats: AbstractExchange) -> None:
-        """Send a probe through the heartbeat queue every ``probe_interval_ms``, stamped with
-        Redis time (estimated from the reaper's last reading): when an aggregator has applied
-        it, every heartbeat published before the stamp has been applied (the watermark)."""
+        """Send a probe through the heartbeat queue every ``probe_interval_ms``, and at once
+        when the reaper finds a deadline passed that no probe sent yet vouches for, stamped
+        with Redis time (estimated from the reaper's last reading): when an aggregator has
+        applied it, every heartbeat published before the stamp has been applied (the
+        watermark). The kick saves a death the wait for the next probe on the grid (half the
+        interval on average)."""
         key = Names.probe_routing_key(self.name)
         interval_s = self.config.probe_interval_ms / 1000
+        min_gap_s = min(interval_s, PROBE_MIN_GAP_MS / 1000)
         while not self._stopping.is_set():
+            self._probe_now.clear()
+            # asked for a deadline our clock estimate has not reached: a probe stamped before
+            # it would not vouch for it
+            early_s = (self._probe_due_ms - (time.time() * 1000 + self._clock_offset_ms)) / 1000
+            if 0 < early_s < interval_s:
+                await sleep_or_stop(self._stopping, early_s)
+            sent = time.monotonic()
             stamp = int(time.time() * 1000 + self._clock_offset_ms)
+            self._probe_stamp_ms = max(self._probe_stamp_ms, stamp)
             message = aio_pika.Message(encode_probe(self.name, stamp))
             with contextlib.suppress(*AMQP_ERRORS):  # no broker: no probe, the watermark waits
                 await heartbeats.publish(message, key, mandatory=False, timeout=interval_s * 4)
-            await sleep_or_stop(self._stopping, interval_s)
+            await wait_event(self._probe_now, interval_s - (time.monotonic() - sent))
+            await sleep_or_stop(self._stopping, min_gap_s - (time.monotonic() - sent))
+
+    def _probe_for(self, due_ms: int) -> None:
+        """Have a probe sent now unless one stamped at or after ``due_ms`` is on its way."""
+        if due_ms > self._probe_stamp_ms:
+            self._probe_due_ms = max(self._probe_due_ms, due_ms)
+            self._probe_now.set()
 
     async def _reaper_loop(self, store: Store) -> None:
         stop = self._stopping
@@ -532,16 +559,30 @@ class Aggregator:
                 continue
             if len(result.events) >= self.config.reaper_limit:
                 continue
-            await self._reaper_sleep(result.next_due_ms, result.now_ms, max_sleep_s)
+            await self._reaper_sleep(result, max_sleep_s)
 
-    async def _reaper_sleep(self, next_due_ms: int | None, now_ms: int, max_sleep_s: float) -> None:
-        """Sleep until the next deadline (at most ``max_sleep_s``). A deadline already past
-        waits for the watermark, which moves with each probe this aggregator applies: wake as
-        soon as one is (another aggregator's probes move it too: look again within the
-        probe interval)."""
+    async def _reaper_sleep(self, result: ClaimResult, max_sleep_s: float) -> None:
+        """Sleep until the next deadline (at most ``max_sleep_s``), then have a probe sent for
+        it. A deadline already past waits for the watermark, which moves with each probe this
+        aggregator applies: wake as soon as one is (another aggregator's probes move it too:
+        look again within the probe interval). A later deadline that passes meanwhile gets a
+        probe of its own at once: deaths a few milliseconds apart do not wait for one probe's
+        round trip after another."""
+        next_due_ms, now_ms = result.next_due_ms, result.now_ms
         if next_due_ms is None or next_due_ms > now_ms:
             wait_s = max_sleep_s if next_due_ms is None else (next_due_ms - now_ms) / 1000
             await sleep_or_stop(self._stopping, min(max_sleep_s, max(0.002, wait_s)))
+            if next_due_ms is not None and wait_s <= max_sleep_s:
+                self._probe_for(next_due_ms)
             return
         self._watermark_moved.clear()
-        await wait_event(self._watermark_moved, self.config.probe_interval_ms / 1000)
+        self._probe_for(next_due_ms)
+        wait_s = self.config.probe_interval_ms / 1000
+        if result.upcoming_ms is not None:
+            until_s = (result.upcoming_ms - now_ms) / 1000
+            if until_s < wait_s:
+                if await wait_event(self._watermark_moved, until_s):
+                    return
+                self._probe_for(result.upcoming_ms)
+                wait_s -= until_s
+        await wait_event(self._watermark_moved, wait_s)

@@ -8,7 +8,8 @@
 --    which instances last heard before the recovery get a fresh grace period.
 -- 3. Due deadlines up to the watermark: alive -> suspect -> dead; dead or left records past
 --    their retention are purged; a deadline that moved (a heartbeat came) is re-filed.
--- Returns {now_ms, next_deadline_ms or -1, evid, routing_key, body, ...}.
+-- Returns {now_ms, next_deadline_ms or -1, upcoming_ms or -1, evid, routing_key, body, ...},
+-- upcoming_ms being the first deadline after now when the next one is already past.
 local limit, me = tonumber(ARGV[S]), ARGV[S + 1]
 
 local waiting = {}
@@ -338,9 +339,15 @@ for _, id in ipairs(due) do
   end
 end
 
-local nxt = -1
+local nxt, upcoming = -1, -1
 local d = redis.call('ZRANGE', K_DEADLINES, 0, 0, 'WITHSCORES')
 if d[2] then nxt = tonumber(d[2]) end
+if nxt ~= -1 and nxt <= NOW then  -- past, waiting for the watermark: and the next one to come?
+  d = redis.call('ZRANGE', K_DEADLINES, '(' .. NOW, '+inf', 'BYSCORE', 'LIMIT', 0, 1,
+    'WITHSCORES')
+  if d[2] then upcoming = tonumber(d[2]) end
+end
+table.insert(out, 1, upcoming)
 table.insert(out, 1, nxt)
 table.insert(out, 1, NOW)
 return out
