@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import orjson
 import pytest
@@ -249,13 +250,34 @@ def test_parse_meta():
         parse_meta(("novalue",))
 
 
+def caught_up_aggregator() -> tuple[Aggregator, int]:
+    """An aggregator (not running) whose clock estimate says Redis time is ``now``, with a
+    probe stamped ``now`` sent and applied: the heartbeat queue is not behind."""
+    agg = Aggregator(Settings(namespace="units"), AggregatorConfig(probe_interval_ms=300))
+    now = 1_000_000
+    agg._clock_offset_ms = now - time.time() * 1000
+    agg._probe_stamp_ms = agg._probe_applied_ms = now
+    return agg, now
+
+
+def test_no_probe_is_kicked_while_the_heartbeat_queue_is_behind():
+    agg, now = caught_up_aggregator()
+    agg._probe_for(now + 1)
+    assert agg._probe_now.is_set() and agg._probe_due_ms == now + 1
+    agg._probe_now.clear()
+    agg._probe_applied_ms = now - 10 * 300 - 50  # no probe of the last ten intervals applied
+    agg._probe_for(now + 2)
+    assert not agg._probe_now.is_set()
+    agg._probe_applied_ms = now
+    agg._probe_for(now)  # covered by the probe on its way
+    assert not agg._probe_now.is_set()
+
+
 async def test_a_deadline_that_passes_while_the_reaper_waits_gets_a_probe_of_its_own():
     """A deadline past and vouched for by a probe on its way, and a later one a few ms
     after: the reaper, waiting for the watermark, has a probe sent for the later one when it
     passes, instead of one round trip after the other."""
-    agg = Aggregator(Settings(namespace="units"), AggregatorConfig(probe_interval_ms=300))
-    now = 1_000_000
-    agg._probe_stamp_ms = now  # the probe for the past deadline is on its way
+    agg, now = caught_up_aggregator()
     result = ClaimResult(now, now - 5, [], upcoming_ms=now + 30)
     waiting = asyncio.ensure_future(agg._reaper_sleep(result, 0.05))
     await asyncio.sleep(0)
@@ -268,11 +290,17 @@ async def test_a_deadline_that_passes_while_the_reaper_waits_gets_a_probe_of_its
 
 
 async def test_a_future_deadline_gets_its_probe_when_it_passes():
-    agg = Aggregator(Settings(namespace="units"), AggregatorConfig(probe_interval_ms=300))
-    now = 1_000_000
-    agg._probe_stamp_ms = now
+    agg, now = caught_up_aggregator()
     await agg._reaper_sleep(ClaimResult(now, now + 20, []), 0.05)
     assert agg._probe_now.is_set() and agg._probe_due_ms == now + 20
     agg._probe_now.clear()
     await agg._reaper_sleep(ClaimResult(now, now + 500, []), 0.01)  # beyond the longest sleep
     assert not agg._probe_now.is_set()
+
+
+async def test_a_probe_applied_during_the_claim_is_not_missed():
+    """The watermark moved while the claim and its publishing ran: the reaper looks again at
+    once instead of waiting a whole probe interval for the next move."""
+    agg, now = caught_up_aggregator()
+    agg._watermark_moved.set()  # set by ingest after the reaper loop cleared it
+    await asyncio.wait_for(agg._reaper_sleep(ClaimResult(now, now - 5, []), 0.05), 0.1)

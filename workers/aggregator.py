@@ -214,6 +214,7 @@ class Aggregator:
         self._probe_now = asyncio.Event()  # a deadline passed: send a probe without waiting
         self._probe_stamp_ms = 0  # the stamp of the newest probe sent
         self._probe_due_ms = 0  # the latest deadline a probe was asked for
+        self._probe_applied_ms = 0  # the newest probe stamp this aggregator applied
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.store: Store | None = None
@@ -427,6 +428,7 @@ class Aggregator:
                 probe = probe_ms if n == len(chunks) - 1 else 0
                 stale, events = await store.ingest(chunk, self.name, probe)
                 if probe:
+                    self._probe_applied_ms = max(self._probe_applied_ms, probe)
                     self._watermark_moved.set()
                 self.counts["stale"] += stale
                 metrics.STALE.inc(stale)
@@ -528,16 +530,22 @@ class Aggregator:
                 await sleep_or_stop(self._stopping, early_s)
             sent = time.monotonic()
             stamp = int(time.time() * 1000 + self._clock_offset_ms)
-            self._probe_stamp_ms = max(self._probe_stamp_ms, stamp)
+            before, self._probe_stamp_ms = self._probe_stamp_ms, max(self._probe_stamp_ms, stamp)
             message = aio_pika.Message(encode_probe(self.name, stamp))
-            with contextlib.suppress(*AMQP_ERRORS):  # no broker: no probe, the watermark waits
+            try:
                 await heartbeats.publish(message, key, mandatory=False, timeout=interval_s * 4)
+            except AMQP_ERRORS:  # no broker: no probe, the watermark waits
+                self._probe_stamp_ms = before  # nothing on its way: a kick may send again
             await wait_event(self._probe_now, interval_s - (time.monotonic() - sent))
             await sleep_or_stop(self._stopping, min_gap_s - (time.monotonic() - sent))
 
     def _probe_for(self, due_ms: int) -> None:
-        """Have a probe sent now unless one stamped at or after ``due_ms`` is on its way."""
-        if due_ms > self._probe_stamp_ms:
+        """Have a probe sent now unless one stamped at or after ``due_ms`` is on its way, or
+        the heartbeat queue is behind (no probe of the last ten intervals applied yet: one
+        more would only wait behind the backlog too, and the grid's probes go on)."""
+        now_ms = time.time() * 1000 + self._clock_offset_ms
+        behind = now_ms - self._probe_applied_ms > 10 * self.config.probe_interval_ms
+        if due_ms > self._probe_stamp_ms and not behind:
             self._probe_due_ms = max(self._probe_due_ms, due_ms)
             self._probe_now.set()
 
@@ -548,6 +556,9 @@ class Aggregator:
             if not self.redis_ok:  # ingest lost Redis: judge nobody on state we cannot update
                 await sleep_or_stop(stop, 0.1)
                 continue
+            # cleared before the claim: a probe applied while it and the publishing run moves
+            # the watermark past what this claim saw, and must not be missed
+            self._watermark_moved.clear()
             try:
                 result = await store.claim(self.config.reaper_limit, self.name)
                 self._clock_offset_ms = result.now_ms - time.time() * 1000
@@ -575,7 +586,6 @@ class Aggregator:
             if next_due_ms is not None and wait_s <= max_sleep_s:
                 self._probe_for(next_due_ms)
             return
-        self._watermark_moved.clear()
         self._probe_for(next_due_ms)
         wait_s = self.config.probe_interval_ms / 1000
         if result.upcoming_ms is not None:
