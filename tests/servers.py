@@ -189,6 +189,11 @@ class PrivateRabbit:
             raise RuntimeError(f"rabbit {key} is not set on {self.node}: {out!r}")
         return match.group(1)
 
+    def memory_alarm(self, on: bool) -> None:
+        """Raise or clear the memory alarm: while it is up the node stops reading from every
+        connection that publishes (``connection.blocked``), and the TCP connections stay up."""
+        self._ctl("set_vm_memory_high_watermark", "0" if on else "0.4")
+
     def stop_app(self) -> None:
         self._ctl("stop_app")
         wait_port(self.port, 30, up=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import threading
 import time
@@ -154,6 +155,52 @@ async def _at_least(reader: Reader, n: int) -> list[Heartbeat]:
 async def _last_status(reader: Reader, status: str) -> Heartbeat | None:
     beats = await reader.drain()
     return beats[-1] if beats and beats[-1].status == status else None
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_a_broker_that_stops_reading_costs_the_client_bounded_memory(private_rabbit, readers):
+    """Guarantee 5 under a broker memory alarm: RabbitMQ stops reading from the publishing
+    connection while the TCP connection stays up. The beats keep their pace, the ones that
+    cannot be written are dropped instead of piling up in memory, and beats flow again, same
+    incarnation, once the alarm clears."""
+    settings = Settings(amqp_url=private_rabbit.url, namespace=f"t-alarm-{secrets.token_hex(3)}")
+    reader = await readers(settings)
+    # 7 KB beats every millisecond: up to 7 MB a second offered to a socket nobody reads
+    hb = Heartbeater("svc", "svc-1", interval_s=0.001, settings=settings, meta={"pad": "x" * 7000})
+    beat_bytes = len(hb.body("ok"))
+    try:
+        await hb.start()
+        await wait_until(lambda: _at_least(reader, 3), 10, "beats before the alarm")
+        await asyncio.to_thread(private_rabbit.memory_alarm, True)
+        # the kernel's socket buffers fill first (megabytes); then beats are dropped
+        await wait_until(lambda: hb.dropped > 100, 60, "beats dropped while the broker is blocked")
+        seq0, dropped0, sent0, rss0 = hb.seq, hb.dropped, hb.sent, rss_bytes()
+        more = 5000  # 35 MB offered: were they kept, memory would grow by that much
+        await wait_until(lambda: hb.seq >= seq0 + more, 60, f"{more} more beats")
+        grown = rss_bytes() - rss0
+        assert grown < 10 * 2**20, f"memory grew by {grown / 2**20:.1f} MB while blocked"
+        assert hb.dropped - dropped0 >= more * 0.9, "the beats that cannot go are dropped"
+        assert (hb.sent - sent0) * beat_bytes < 4 * 2**20, "nothing is written to a blocked peer"
+        assert hb.connected and hb.connects == 1  # paused, not torn down
+
+        await asyncio.to_thread(private_rabbit.memory_alarm, False)
+        seq1 = hb.seq
+
+        async def resumed() -> list[Heartbeat]:
+            beats = await reader.drain()
+            return [b for b in beats if b.seq > seq1]
+
+        after = await wait_until(resumed, 30, "beats after the alarm cleared")
+        assert {b.incarnation for b in after} == {hb.incarnation}
+        assert_in_order(reader.beats)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(private_rabbit.memory_alarm, False)
+        await hb.abort()
 
 
 async def test_start_without_broker_never_raises_and_stops_promptly(caplog):
