@@ -244,6 +244,14 @@ def send(
 @cli.command()
 @click.option("--prefetch", type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option(
+    "--linger-ms",
+    type=click.FloatRange(min=0, max=100),
+    default=5.0,
+    show_default=True,
+    help="with few heartbeats in hand and no verdict waiting, wait this long for more "
+    "(bigger batches, less CPU per heartbeat)",
+)
+@click.option(
     "--lease-ms",
     type=click.IntRange(min=100),
     default=5000,
@@ -333,6 +341,7 @@ def send(
 def aggregator(
     ctx: click.Context,
     prefetch: int,
+    linger_ms: float,
     lease_ms: int,
     retention_s: int,
     metrics_port: int,
@@ -373,7 +382,7 @@ def aggregator(
         flap_window_ms=round(flap_window_s * 1000),
         flap_stable_ms=round(flap_stable_s * 1000),
     )
-    config = AggregatorConfig(prefetch=prefetch, store=store)
+    config = AggregatorConfig(prefetch=prefetch, linger_ms=linger_ms, store=store)
 
     async def main() -> None:
         stop = asyncio.Event()

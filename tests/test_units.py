@@ -304,3 +304,18 @@ async def test_a_probe_applied_during_the_claim_is_not_missed():
     agg, now = caught_up_aggregator()
     agg._watermark_moved.set()  # set by ingest after the reaper loop cleared it
     await asyncio.wait_for(agg._reaper_sleep(ClaimResult(now, now - 5, []), 0.05), 0.1)
+
+
+def test_ingest_lingers_only_when_no_verdict_waits():
+    agg, now = caught_up_aggregator()
+    assert agg._may_linger()  # few heartbeats in hand, nothing waits
+    agg._buffer = [object()] * agg.config.linger_below  # type: ignore[list-item]
+    assert not agg._may_linger()  # a big batch already
+    agg._buffer = []
+    agg._probe_for(now + 1)  # a probe sent for a deadline, not applied yet
+    assert not agg._may_linger()
+    agg._probe_applied_ms = now + 1
+    assert agg._may_linger()
+    agg._verdict_waiting = True  # the reaper waits for the watermark
+    assert not agg._may_linger()
+    assert not Aggregator(Settings(namespace="units"), AggregatorConfig(linger_ms=0))._may_linger()

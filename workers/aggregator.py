@@ -75,6 +75,11 @@ class AggregatorConfig:
     reaper_max_sleep_ms: int = 50
     #: how often each aggregator sends a watermark probe through the heartbeat queue
     probe_interval_ms: int = 20
+    #: with fewer than ``linger_below`` heartbeats in hand and no verdict waiting for a
+    #: probe, wait this long for more before applying them: fewer, bigger batches (each
+    #: costs a Redis round trip and an ack). 0: apply what is in hand at once.
+    linger_ms: float = 5.0
+    linger_below: int = 200
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def clamp(self, beat: Heartbeat) -> tuple[int, int]:
@@ -215,6 +220,7 @@ class Aggregator:
         self._probe_stamp_ms = 0  # the stamp of the newest probe sent
         self._probe_due_ms = 0  # the latest deadline a probe was asked for
         self._probe_applied_ms = 0  # the newest probe stamp this aggregator applied
+        self._verdict_waiting = False  # the reaper waits for the watermark: ingest lingers not
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.store: Store | None = None
@@ -383,9 +389,24 @@ class Aggregator:
                     return
                 await self._wake.wait()
                 self._wake.clear()
+            if self._may_linger():
+                await asyncio.sleep(self.config.linger_ms / 1000)
             batch, self._buffer = self._buffer, []
             if batch:
                 await self._process(store, batch)
+
+    def _may_linger(self) -> bool:
+        """Whether to let the batch grow a little before applying it: not when it is big
+        already, not while a verdict waits for a probe (the reaper waits for the watermark,
+        or a probe it had sent for a deadline is not applied yet: it may be in hand), not
+        when stopping."""
+        return (
+            self.config.linger_ms > 0
+            and len(self._buffer) < self.config.linger_below
+            and not self._verdict_waiting
+            and self._probe_applied_ms >= self._probe_due_ms
+            and not self._stopping.is_set()
+        )
 
     async def _process(self, store: Store, batch: list[DeliveredMessage]) -> None:
         valid: list[Heartbeat] = []
@@ -587,9 +608,18 @@ class Aggregator:
                 self._probe_for(next_due_ms)
             return
         self._probe_for(next_due_ms)
+        self._verdict_waiting = True
+        try:
+            await self._wait_watermark(result)
+        finally:
+            self._verdict_waiting = False
+
+    async def _wait_watermark(self, result: ClaimResult) -> None:
+        """Until the watermark moves, at most a probe interval; a deadline that passes
+        meanwhile gets its probe."""
         wait_s = self.config.probe_interval_ms / 1000
         if result.upcoming_ms is not None:
-            until_s = (result.upcoming_ms - now_ms) / 1000
+            until_s = (result.upcoming_ms - result.now_ms) / 1000
             if until_s < wait_s:
                 if await wait_event(self._watermark_moved, until_s):
                     return
