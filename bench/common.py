@@ -232,6 +232,12 @@ async def applied(procs: Sequence[Proc]) -> int:
     return int(sum(counts))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def wait_ready(procs: Sequence[Proc], timeout_s: float = 30) -> None:
     """Until every aggregator's metrics port answers (it is then consuming soon after)."""
     deadline = time.monotonic() + timeout_s
@@ -331,11 +337,3 @@ def common_args(parser: Any) -> None:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def rss_kb(pid: int) -> int:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0

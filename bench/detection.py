@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 
 import aiormq
@@ -184,7 +185,12 @@ async def one_size(n: int, sample_count: int, profile: str | None) -> Row:
             )
             backlog = await queue_depth(settings, Names(settings.namespace).aggregator_queue)
             print(f"  heartbeats waiting in the queue as the samples start: {backlog}", flush=True)
-            with profiled(agg.pid, profile):  # the aggregator at steady state
+            # the aggregator at steady state, one file per size
+            out = None
+            if profile:
+                root, ext = os.path.splitext(profile)
+                out = f"{root}-{n}{ext}"
+            with profiled(agg.pid, out):
                 await samples(settings, 0, sample_count, waves=WAVES)
             # the last wave's deaths are due one TTL after it stopped; wait for them, bounded
             deadline = time.monotonic() + SAMPLE_INTERVAL_MS * 3 / 1000 + 10.0

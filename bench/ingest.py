@@ -9,13 +9,20 @@ Three measurements in one run, on one broker, in a private namespace:
    for a fresh service with two aggregator processes. Rates are counted from the first
    heartbeat applied (the aggregator's Prometheus counter) to the last.
 2. **Steady state.** A publisher process sends at a fixed rate for a few seconds while one
-   aggregator process consumes; the rate is sustained when the publisher reached it and the
-   consumer kept up (0.1 s after the publisher stopped, the consumer's own count is short of
-   what was sent by at most 0.1 s worth + 200; what it holds unacked counts as behind). Rates
-   go up a ladder until one is not sustained; the same ladder is run with a do-nothing aiormq
-   consumer process.
+   aggregator process consumes. The consumer kept up when, 0.1 s after the publisher
+   stopped, its own count is short of what was sent by at most 0.1 s worth + 200 (what it
+   holds unacked counts as behind). Rates go up a ladder; the result is the rate the
+   publisher reached at the highest step the consumer kept up with. The ladder stops when
+   the consumer falls behind, or when the publisher, sharing the cores with it, reaches less
+   than 90 % of a step (higher steps would only measure the publisher). The same ladder is
+   run with a do-nothing aiormq consumer process.
+3. **CPU per heartbeat at steady state.** One aggregator process, the publisher at a fixed
+   rate (3,000/s) over the same instances for 10 s after they joined: the process's CPU time
+   (``/proc/<pid>/stat``) over the heartbeats it applied, with ``--linger-ms`` at its default
+   and at 0 (apply what is in hand at once), alternating ``--cpu-rounds`` times.
 
     .venv/bin/python bench/ingest.py [--quick] [--heartbeats 50000] [--instances 5000]
+        [--cpu-rounds 1] [--cpu-only]
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from common import (
     applied,
     beat_body,
     common_args,
+    cpu_seconds,
     declare,
     emit,
     free_port,
@@ -50,6 +58,7 @@ from common import (
 
 from hbbus.names import Names
 from hbbus.settings import Settings
+from hbbus.workers.aggregator import AggregatorConfig
 
 PREFETCH = 2000
 DRAIN_TIMEOUT_S = 600  # a drain that takes longer has lost messages, or its consumer
@@ -58,6 +67,9 @@ ACK_EVERY = 500
 #: the ladder's lowest rate (5,000 instances at 1,000/s: 5 s), so no instance goes suspect or
 #: dead between its beats and the aggregator does the work of steady heartbeats only
 STEADY_INTERVAL_MS = 20_000
+#: a ladder step the publisher reaches less than this share of: the cores are full
+FELL_SHORT = 0.9
+CPU_RATE, CPU_SECONDS = 3000, 10.0
 
 
 async def publish_backlog(
@@ -291,7 +303,7 @@ async def one_rate(
     reached = sent / elapsed
     kept_up = behind <= 0.1 * rate + 200
     note = "kept up" if kept_up else "BEHIND"
-    if reached < 0.97 * rate:
+    if reached < FELL_SHORT * rate:
         note += " (the publisher fell short: the cores are full)"
     print(
         f"    rate {rate:>6}/s: publisher reached {reached:>7.0f}/s, behind at end {behind:>6}: "
@@ -311,7 +323,7 @@ def spawn_publisher(
 
 async def ladder(
     settings: Settings, consumer: Proc, rates: Sequence[int], seconds: float, instances: int
-) -> int:
+) -> float:
     """The highest rate the publisher reached with the consumer keeping up. The ladder stops
     when the consumer falls behind, or when the publisher, sharing the two cores with it,
     reaches less than 90 % of a step (higher steps would only measure the publisher)."""
@@ -326,13 +338,13 @@ async def ladder(
             if not kept_up:
                 break
             best = max(best, reached)
-            if reached < 0.9 * rate:
+            if reached < FELL_SHORT * rate:
                 break
             await asyncio.sleep(0.5)
     finally:
         consumer.stop()
     await purge(settings)
-    return int(round(best, -2))
+    return best
 
 
 async def purge(settings: Settings) -> None:
@@ -362,13 +374,68 @@ async def steady(settings: Settings, quick: bool) -> list[Row]:
         Row(
             "ingest",
             "steady: one aggregator sustains, heartbeats/s",
-            f"{agg_best:,}",
+            f"{agg_best:,.0f}",
             "≥ 10,000",
             agg_best >= 10_000,
             "publisher's rate, consumer kept up",
         ),
-        Row("ingest", "steady: do-nothing aiormq process sustains, msgs/s", f"{null_best:,}"),
+        Row("ingest", "steady: do-nothing aiormq process sustains, msgs/s", f"{null_best:,.0f}"),
         Row("ingest", "steady: ratio to do-nothing", f"{ratio:.2f}", "≥ 0.8", ratio >= 0.8),
+    ]
+
+
+async def sent_by(pub: Proc) -> int:
+    """What a publisher process sent, once it has finished."""
+    out, _ = await asyncio.to_thread(pub.popen.communicate, timeout=CPU_SECONDS + 60)
+    return int(float(out.split()[0]))
+
+
+async def applied_all(agg: Proc, count: int, timeout_s: float = 60) -> None:
+    """Until the aggregator has applied ``count`` heartbeats in all (its joined events are
+    published before it counts them)."""
+    deadline = time.monotonic() + timeout_s
+    while await applied([agg]) < count:
+        if time.monotonic() > deadline or agg.popen.poll() is not None:
+            raise RuntimeError(f"the aggregator did not apply {count} heartbeats")
+        await asyncio.sleep(0.05)
+
+
+async def cpu_per_heartbeat(linger_ms: float, instances: int) -> float:
+    """µs of one aggregator process's CPU per heartbeat applied at CPU_RATE heartbeats/s."""
+    async with namespace("ingest-cpu") as settings:
+        await declare(settings)
+        agg = spawn_aggregator(settings, "--linger-ms", str(linger_ms))
+        try:
+            await wait_ready([agg])
+            join = spawn_publisher(settings, CPU_RATE, 3, instances, 1)  # every instance joins
+            await applied_all(agg, await sent_by(join))
+            applied0, cpu0 = await applied([agg]), cpu_seconds(agg.pid)
+            pub = spawn_publisher(settings, CPU_RATE, CPU_SECONDS, instances, 1000)
+            beats = await sent_by(pub)
+            await applied_all(agg, applied0 + beats)
+            cpu_us = (cpu_seconds(agg.pid) - cpu0) * 1e6 / max(1, beats)
+        finally:
+            agg.stop()
+    print(
+        f"    --linger-ms {linger_ms:g}: {beats} heartbeats, {cpu_us:.0f} µs CPU each", flush=True
+    )
+    return cpu_us
+
+
+async def cpu(rounds: int, instances: int) -> list[Row]:
+    default = AggregatorConfig().linger_ms
+    print(f"  aggregator CPU per heartbeat at {CPU_RATE}/s, {instances} instances:")
+    spent: dict[float, list[float]] = {default: [], 0.0: []}
+    for _ in range(rounds):
+        for linger_ms in spent:
+            spent[linger_ms].append(await cpu_per_heartbeat(linger_ms, instances))
+    return [
+        Row(
+            "ingest",
+            f"steady: aggregator CPU per heartbeat at {CPU_RATE:,}/s, µs (--linger-ms {lm:g})",
+            f"{sum(v) / len(v):.0f}",
+        )
+        for lm, v in spent.items()
     ]
 
 
@@ -388,11 +455,15 @@ async def main(args: argparse.Namespace) -> None:
                 "steady interval_ms": STEADY_INTERVAL_MS,
             },
         )
+        if args.cpu_only:
+            emit(await cpu(args.cpu_rounds, instances), args.json)
+            return
         rows = await backlog(settings, n, instances, args.profile)
     # steady state in a namespace of its own: the backlog's instances would go suspect and
     # dead under the steady aggregator
     async with namespace("ingest-steady") as settings:
         rows += await steady(settings, args.quick)
+    rows += await cpu(args.cpu_rounds, instances)
     emit(rows, args.json)
 
 
@@ -406,6 +477,8 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=0)
     parser.add_argument("--first-seq", type=int, default=1)
     parser.add_argument("--metrics-port", type=int, default=0)
+    parser.add_argument("--cpu-rounds", type=int, default=1, help="A/B pairs of measurement 3")
+    parser.add_argument("--cpu-only", action="store_true", help="measurement 3 alone")
     cli = parser.parse_args()
     if cli.role == "publisher":
         run(

@@ -120,8 +120,8 @@ class Heartbeater:
         self.dropped = 0
         self.skipped = 0
         self.connects = 0
-        self._meta: MetaSource = _check_meta(meta) if isinstance(meta, dict) else meta
-        self._last_meta_json = _encode_meta(meta if isinstance(meta, dict) else {})
+        self._meta: MetaSource = meta
+        self._last_meta_json = _encode_meta(meta if isinstance(meta, dict) else {})  # checks it
         self._meta_failing = False
         self.set_status(status)
         self._stop = asyncio.Event()

@@ -18,6 +18,14 @@ import pamqp.frame
 READ_CHUNK = 256 * 1024
 
 
+#: how aiormq's reader words a failed read, most specific first
+_OS_ERRORS = (
+    (ConnectionRefusedError, "connection refused"),
+    (ConnectionResetError, "connection reset"),
+    (ConnectionError, "connection error"),
+)
+
+
 class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
     """aiormq's frame reader, reading the socket in chunks.
 
@@ -42,15 +50,7 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
             try:
                 data = await self.reader.read(READ_CHUNK)
             except OSError as exc:  # as aiormq's reader words it
-                kind = (
-                    "connection refused"
-                    if isinstance(exc, ConnectionRefusedError)
-                    else "connection reset"
-                    if isinstance(exc, ConnectionResetError)
-                    else "connection error"
-                    if isinstance(exc, ConnectionError)
-                    else "communication error"
-                )
+                kind = next((w for t, w in _OS_ERRORS if isinstance(exc, t)), "communication error")
                 raise aiormq.exceptions.AMQPConnectionError(f"Server {kind}: {exc!r}") from exc
             if not data:
                 raise aiormq.exceptions.AMQPConnectionError(

@@ -66,8 +66,7 @@ class Heartbeat:
         return (self.service, self.instance)
 
     def encode(self, meta_json: bytes | None = None) -> bytes:
-        """The message body; ``meta_json``: ``self.meta`` already encoded (the client caches
-        it while the meta does not change)."""
+        """The message body; ``meta_json``: ``self.meta`` already encoded by the caller."""
         doc = {
             "v": WIRE_VERSION,
             "svc": self.service,

@@ -106,6 +106,7 @@ class PrivateRabbit:
         self.dist_port = free_port()
         self.node = f"hbbustest{self.port}@localhost"
         self.dir = Path(tempfile.mkdtemp(prefix="hbbus-rabbit-"))
+        self._watermark: str | None = None  # the memory watermark while the alarm is up
 
     @property
     def url(self) -> str:
@@ -191,8 +192,15 @@ class PrivateRabbit:
 
     def memory_alarm(self, on: bool) -> None:
         """Raise or clear the memory alarm: while it is up the node stops reading from every
-        connection that publishes (``connection.blocked``), and the TCP connections stay up."""
-        self._ctl("set_vm_memory_high_watermark", "0" if on else "0.4")
+        connection that publishes (``connection.blocked``), and the TCP connections stay up.
+        Clearing it restores the node's own watermark, whatever its version's default."""
+        if on:
+            self._watermark = self.get_env("vm_memory_high_watermark")
+            self._ctl("set_vm_memory_high_watermark", "0")
+        elif self._watermark is not None:
+            restore = f"vm_memory_monitor:set_vm_memory_high_watermark({self._watermark})."
+            self._ctl("eval", restore)
+            self._watermark = None
 
     def stop_app(self) -> None:
         self._ctl("stop_app")

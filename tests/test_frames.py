@@ -58,6 +58,11 @@ def reader_of(chunks: list[bytes], eof: bool = True) -> asyncio.StreamReader:
     return reader
 
 
+async def reading(reader: asyncio.StreamReader) -> None:
+    """Until a read waits on ``reader`` for more data."""
+    await wait_until(lambda: reader._waiter is not None, 5, "a read waiting for data")
+
+
 class ChunkReader:
     """A stream whose every read returns one of ``chunks`` (never merged: as a socket that
     delivered them one by one), then the end."""
@@ -166,7 +171,7 @@ async def test_a_frame_waits_for_its_last_byte():
     reader = reader_of([data[:19]], eof=False)  # Tune is 20 bytes
     receiver = BufferedFrameReceiver(reader)
     pending = asyncio.ensure_future(receiver.get_frame())
-    await asyncio.sleep(0.05)
+    await reading(reader)
     assert not pending.done()
     reader.feed_data(data[19:])
     _, _, frame = await asyncio.wait_for(pending, 1)
@@ -192,7 +197,7 @@ async def test_a_connection_closed_while_waiting_is_a_connection_error():
     connection reconnects on it); only an end already seen between frames stops the loop."""
     reader = reader_of([], eof=False)
     pending = asyncio.ensure_future(BufferedFrameReceiver(reader).get_frame())
-    await asyncio.sleep(0.01)
+    await reading(reader)
     reader.feed_eof()
     with pytest.raises(aiormq.exceptions.AMQPConnectionError, match="unexpectedly closed"):
         await asyncio.wait_for(pending, 1)
@@ -256,7 +261,7 @@ async def test_the_buffer_keeps_only_what_is_not_handed_out():
             await receiver.get_frame()
     reader.feed_data(one[:10])
     pending = asyncio.ensure_future(receiver.get_frame())
-    await asyncio.sleep(0.01)
+    await reading(reader)
     assert len(receiver._buffer) - receiver._pos <= 10
     assert len(receiver._buffer) <= 2 * len(one)
     pending.cancel()

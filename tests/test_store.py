@@ -482,7 +482,7 @@ async def test_a_store_born_again_under_a_running_fleet_trusts_its_notalive_inde
 async def test_claim_names_the_next_deadline_to_come_while_one_past_waits(store):
     """A deadline past that no probe vouches for yet, and one still to come: the claim says
     both (the reaper has a probe sent for each as it passes)."""
-    await ingest(store, hb(1, inst="soon"))
+    await ingest(store, hb(1, inst="soon"), ttl_ms=2000)  # suspect at +150 ms, dead at +2 s
     _, joined = await store.ingest([(hb(1, inst="later"), 10_000, 30_000)], "t", CAUGHT_UP)
     await store.finalize(e.id for e in joined)
     # the watermark stays where the last probe put it (Redis time at that ingest), before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import orjson
 import pytest
@@ -250,10 +251,11 @@ def test_parse_meta():
         parse_meta(("novalue",))
 
 
-def caught_up_aggregator() -> tuple[Aggregator, int]:
+def caught_up_aggregator(**config: Any) -> tuple[Aggregator, int]:
     """An aggregator (not running) whose clock estimate says Redis time is ``now``, with a
     probe stamped ``now`` sent and applied: the heartbeat queue is not behind."""
-    agg = Aggregator(Settings(namespace="units"), AggregatorConfig(probe_interval_ms=300))
+    config.setdefault("probe_interval_ms", 300)
+    agg = Aggregator(Settings(namespace="units"), AggregatorConfig(**config))
     now = 1_000_000
     agg._clock_offset_ms = now - time.time() * 1000
     agg._probe_stamp_ms = agg._probe_applied_ms = now
@@ -282,40 +284,52 @@ async def test_a_deadline_that_passes_while_the_reaper_waits_gets_a_probe_of_its
     waiting = asyncio.ensure_future(agg._reaper_sleep(result, 0.05))
     await asyncio.sleep(0)
     assert not agg._probe_now.is_set()  # the past deadline has its probe
-    await asyncio.wait_for(agg._probe_now.wait(), 1)
+    await asyncio.wait_for(agg._probe_now.wait(), 5)
     assert agg._probe_due_ms == now + 30
     assert not waiting.done()  # and it still waits for the watermark
     agg._watermark_moved.set()
-    await asyncio.wait_for(waiting, 1)
+    await asyncio.wait_for(waiting, 5)
 
 
-async def test_a_future_deadline_gets_its_probe_when_it_passes():
+async def test_no_probe_is_sent_for_a_deadline_the_claim_has_not_seen_past():
+    """A deadline still to come may move (a heartbeat): the reaper sleeps until it and lets
+    the next claim say whether it passed; no probe goes for it before."""
     agg, now = caught_up_aggregator()
     await agg._reaper_sleep(ClaimResult(now, now + 20, []), 0.05)
-    assert agg._probe_now.is_set() and agg._probe_due_ms == now + 20
-    agg._probe_now.clear()
-    await agg._reaper_sleep(ClaimResult(now, now + 500, []), 0.01)  # beyond the longest sleep
-    assert not agg._probe_now.is_set()
+    assert not agg._probe_now.is_set() and agg._probe_due_ms == 0
 
 
-async def test_a_probe_applied_during_the_claim_is_not_missed():
-    """The watermark moved while the claim and its publishing ran: the reaper looks again at
-    once instead of waiting a whole probe interval for the next move."""
-    agg, now = caught_up_aggregator()
-    agg._watermark_moved.set()  # set by ingest after the reaper loop cleared it
-    await asyncio.wait_for(agg._reaper_sleep(ClaimResult(now, now - 5, []), 0.05), 0.1)
+async def test_a_watermark_signal_set_before_the_wait_ends_it_at_once():
+    """The reaper loop clears the signal before its claim, so a probe applied during the claim
+    and its publishing leaves it set: the wait for the watermark must then end at once, not
+    after a probe interval (one minute here)."""
+    agg, now = caught_up_aggregator(probe_interval_ms=60_000)
+    agg._watermark_moved.set()
+    await asyncio.wait_for(agg._reaper_sleep(ClaimResult(now, now - 5, []), 0.05), 5)
 
 
 def test_ingest_lingers_only_when_no_verdict_waits():
     agg, now = caught_up_aggregator()
-    assert agg._may_linger()  # few heartbeats in hand, nothing waits
-    agg._buffer = [object()] * agg.config.linger_below  # type: ignore[list-item]
+    assert not agg._may_linger()  # nothing in hand
+    agg._buffer = [object()]  # type: ignore[list-item]
+    assert agg._may_linger()  # a few heartbeats in hand, nothing waits
+    agg._buffer *= agg.config.linger_below
     assert not agg._may_linger()  # a big batch already
-    agg._buffer = []
-    agg._probe_for(now + 1)  # a probe sent for a deadline, not applied yet
+    agg._buffer = [object()]  # type: ignore[list-item]
+    agg._probe_for(now + 1)  # a verdict waits for a probe not applied yet
     assert not agg._may_linger()
     agg._probe_applied_ms = now + 1
     assert agg._may_linger()
-    agg._verdict_waiting = True  # the reaper waits for the watermark
-    assert not agg._may_linger()
-    assert not Aggregator(Settings(namespace="units"), AggregatorConfig(linger_ms=0))._may_linger()
+    off = Aggregator(Settings(namespace="units"), AggregatorConfig(linger_ms=0))
+    off._buffer = [object()]  # type: ignore[list-item]
+    assert not off._may_linger()
+
+
+async def test_a_verdict_that_starts_waiting_ends_a_linger():
+    agg, now = caught_up_aggregator(linger_ms=60_000)
+    agg._buffer = [object()]  # type: ignore[list-item]
+    lingering = asyncio.ensure_future(agg._linger())
+    await asyncio.sleep(0)
+    assert not lingering.done()
+    agg._probe_for(now + 1)  # the reaper found a deadline past, after the last probe applied
+    await asyncio.wait_for(lingering, 5)

@@ -218,9 +218,9 @@ class Aggregator:
         self._watermark_moved = asyncio.Event()  # a probe was applied: due verdicts may go
         self._probe_now = asyncio.Event()  # a deadline passed: send a probe without waiting
         self._probe_stamp_ms = 0  # the stamp of the newest probe sent
-        self._probe_due_ms = 0  # the latest deadline a probe was asked for
+        self._probe_due_ms = 0  # the latest past deadline a verdict waits on a probe for
         self._probe_applied_ms = 0  # the newest probe stamp this aggregator applied
-        self._verdict_waiting = False  # the reaper waits for the watermark: ingest lingers not
+        self._flush = asyncio.Event()  # ends a linger: a verdict waits, or we stop
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.store: Store | None = None
@@ -302,6 +302,7 @@ class Aggregator:
                 await asyncio.wait({self._resync})
             self._wake.set()
             self._probe_now.set()
+            self._flush.set()
             await asyncio.gather(ingest, reaper, prober, return_exceptions=True)
             with contextlib.suppress(*REDIS_ERRORS):
                 await store.unregister(self.name)
@@ -389,21 +390,26 @@ class Aggregator:
                     return
                 await self._wake.wait()
                 self._wake.clear()
-            if self._may_linger():
-                await asyncio.sleep(self.config.linger_ms / 1000)
+            await self._linger()
             batch, self._buffer = self._buffer, []
+            self._wake.clear()  # what woke us is in the batch
             if batch:
                 await self._process(store, batch)
 
+    async def _linger(self) -> None:
+        """Let the batch grow a little (fewer, bigger batches: each costs a Redis round trip
+        and an ack) when :meth:`_may_linger`; a verdict that starts waiting ends it."""
+        if self._may_linger():
+            self._flush.clear()
+            await wait_event(self._flush, self.config.linger_ms / 1000)
+
     def _may_linger(self) -> bool:
         """Whether to let the batch grow a little before applying it: not when it is big
-        already, not while a verdict waits for a probe (the reaper waits for the watermark,
-        or a probe it had sent for a deadline is not applied yet: it may be in hand), not
-        when stopping."""
+        already, not while a verdict waits for a probe (the probe may be in hand; a verdict
+        that starts waiting during a linger ends it), not when stopping."""
         return (
             self.config.linger_ms > 0
-            and len(self._buffer) < self.config.linger_below
-            and not self._verdict_waiting
+            and 0 < len(self._buffer) < self.config.linger_below
             and self._probe_applied_ms >= self._probe_due_ms
             and not self._stopping.is_set()
         )
@@ -546,11 +552,11 @@ class Aggregator:
             self._probe_now.clear()
             # asked for a deadline our clock estimate has not reached: a probe stamped before
             # it would not vouch for it
-            early_s = (self._probe_due_ms - (time.time() * 1000 + self._clock_offset_ms)) / 1000
+            early_s = (self._probe_due_ms - self._redis_now_ms()) / 1000
             if 0 < early_s < interval_s:
                 await sleep_or_stop(self._stopping, early_s)
             sent = time.monotonic()
-            stamp = int(time.time() * 1000 + self._clock_offset_ms)
+            stamp = int(self._redis_now_ms())
             before, self._probe_stamp_ms = self._probe_stamp_ms, max(self._probe_stamp_ms, stamp)
             message = aio_pika.Message(encode_probe(self.name, stamp))
             try:
@@ -560,14 +566,20 @@ class Aggregator:
             await wait_event(self._probe_now, interval_s - (time.monotonic() - sent))
             await sleep_or_stop(self._stopping, min_gap_s - (time.monotonic() - sent))
 
+    def _redis_now_ms(self) -> float:
+        """Redis time, estimated from the reaper's last reading (never ahead of it)."""
+        return time.time() * 1000 + self._clock_offset_ms
+
     def _probe_for(self, due_ms: int) -> None:
-        """Have a probe sent now unless one stamped at or after ``due_ms`` is on its way, or
-        the heartbeat queue is behind (no probe of the last ten intervals applied yet: one
-        more would only wait behind the backlog too, and the grid's probes go on)."""
-        now_ms = time.time() * 1000 + self._clock_offset_ms
-        behind = now_ms - self._probe_applied_ms > 10 * self.config.probe_interval_ms
+        """A verdict on a deadline past (``due_ms``) waits for a probe: ingest stops
+        lingering until one at or after it is applied, and one is sent now unless it is on
+        its way already, or the heartbeat queue is behind (no probe of the last ten
+        intervals applied yet: one more would only wait behind the backlog too, and the
+        grid's probes go on)."""
+        self._probe_due_ms = max(self._probe_due_ms, due_ms)
+        self._flush.set()
+        behind = self._redis_now_ms() - self._probe_applied_ms > 10 * self.config.probe_interval_ms
         if due_ms > self._probe_stamp_ms and not behind:
-            self._probe_due_ms = max(self._probe_due_ms, due_ms)
             self._probe_now.set()
 
     async def _reaper_loop(self, store: Store) -> None:
@@ -594,32 +606,22 @@ class Aggregator:
             await self._reaper_sleep(result, max_sleep_s)
 
     async def _reaper_sleep(self, result: ClaimResult, max_sleep_s: float) -> None:
-        """Sleep until the next deadline (at most ``max_sleep_s``), then have a probe sent for
-        it. A deadline already past waits for the watermark, which moves with each probe this
-        aggregator applies: wake as soon as one is (another aggregator's probes move it too:
-        look again within the probe interval). A later deadline that passes meanwhile gets a
-        probe of its own at once: deaths a few milliseconds apart do not wait for one probe's
-        round trip after another."""
+        """Sleep until the next deadline (at most ``max_sleep_s``): the next claim judges it,
+        or finds it past and waiting for the watermark. Such a deadline has a probe sent for
+        it, and the reaper waits until the watermark moves, which it does with each probe
+        this aggregator applies (another aggregator's probes move it too: look again within
+        the probe interval). A later deadline that passes meanwhile gets a probe of its own
+        at once: deaths a few milliseconds apart do not wait for one probe's round trip
+        after another."""
         next_due_ms, now_ms = result.next_due_ms, result.now_ms
         if next_due_ms is None or next_due_ms > now_ms:
             wait_s = max_sleep_s if next_due_ms is None else (next_due_ms - now_ms) / 1000
             await sleep_or_stop(self._stopping, min(max_sleep_s, max(0.002, wait_s)))
-            if next_due_ms is not None and wait_s <= max_sleep_s:
-                self._probe_for(next_due_ms)
             return
         self._probe_for(next_due_ms)
-        self._verdict_waiting = True
-        try:
-            await self._wait_watermark(result)
-        finally:
-            self._verdict_waiting = False
-
-    async def _wait_watermark(self, result: ClaimResult) -> None:
-        """Until the watermark moves, at most a probe interval; a deadline that passes
-        meanwhile gets its probe."""
         wait_s = self.config.probe_interval_ms / 1000
         if result.upcoming_ms is not None:
-            until_s = (result.upcoming_ms - result.now_ms) / 1000
+            until_s = (result.upcoming_ms - now_ms) / 1000
             if until_s < wait_s:
                 if await wait_event(self._watermark_moved, until_s):
                     return

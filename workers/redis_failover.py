@@ -181,21 +181,22 @@ class RedisPromoteAction(Action):
         """Run the promotion while a background task renews the lock; every step first checks
         that the lock is still ours, so a holder that lost it stops at once."""
         keeper = asyncio.create_task(self._keep_lock(epoch))
+        cancelled = False
         try:
             return await self._promote_steps(epoch, old, candidate)
         except asyncio.CancelledError:
-            # cancelled (shutdown, or another member took the event over): let the lock run
-            # out now (the keeper stopped first, so no renewal lands after), and the member
-            # that resumes the promotion need not wait for its lease; never abort here: after
-            # REPLICAOF NO ONE that would unfence the old primary
-            keeper.cancel()
-            await asyncio.wait({keeper})
-            with contextlib.suppress(RedisError, OSError):
-                await self.table.promotion_step(self.service, epoch, self.consumer.token, 0)
+            cancelled = True
             raise
         finally:
             keeper.cancel()
             await asyncio.wait({keeper})  # never raises: a second cancel is not swallowed
+            if cancelled:
+                # shutdown, or another member took the event over: let the lock run out now
+                # (the keeper stopped first, so no renewal lands after), and the member that
+                # resumes the promotion need not wait for its lease; never abort here: after
+                # REPLICAOF NO ONE that would unfence the old primary
+                with contextlib.suppress(RedisError, OSError):
+                    await self.table.promotion_step(self.service, epoch, self.consumer.token, 0)
 
     async def _keep_lock(self, epoch: int) -> None:
         while True:

@@ -64,11 +64,7 @@ local obs = redis.call('HMGET', K_OBSERVER, 'state', 'since', 'last_wm', 'recove
 -- mark existed, once it has no instances). A namespace that already had instances when it
 -- came in (an upgrade from a version without it) never relies on it: its guard counts member
 -- by member.
-local notalive_complete = obs[5] == 'complete'
-if not notalive_complete and redis.call('SCARD', K_INSTANCES) == 0 then
-  redis.call('HSET', K_OBSERVER, 'notalive', 'complete')
-  notalive_complete = true
-end
+local notalive_complete = obs[5] == 'complete' or mark_notalive_if_empty()
 local last_wm = math.min(tonumber(obs[3]) or NOW, NOW)  -- a new namespace starts caught up
 if wm and wm > last_wm then last_wm = math.min(wm, NOW) end
 redis.call('HSET', K_OBSERVER, 'last_wm', string.format('%d', last_wm), 'live', live)

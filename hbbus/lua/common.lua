@@ -88,6 +88,15 @@ local function meta_of(id)
     or '{}'
 end
 
+-- K_NOTALIVE holds every instance that is not alive from a store's birth on, so the
+-- mass-expiry guard may rely on it (claim.lua). A store with no instances is as good as born:
+-- mark it so (true when it did).
+local function mark_notalive_if_empty()
+  if redis.call('SCARD', K_INSTANCES) ~= 0 then return false end
+  redis.call('HSET', K_OBSERVER, 'notalive', 'complete')
+  return true
+end
+
 -- After Redis lost its data, the records rebuilt from arriving heartbeats say so.
 local RESYNC_UNTIL = tonumber(redis.call('HGET', K_OBSERVER, 'resync_until') or 0)
 

@@ -24,11 +24,7 @@ local epoch = redis.call('GET', epoch_key)
 if not epoch then
   epoch = fresh_epoch
   redis.call('SET', epoch_key, epoch)
-  -- a store born now (new, or Redis lost its data): from here on K_NOTALIVE holds every
-  -- instance that is not alive, and the mass-expiry guard may rely on it (claim.lua)
-  if redis.call('SCARD', K_INSTANCES) == 0 then
-    redis.call('HSET', K_OBSERVER, 'notalive', 'complete')
-  end
+  mark_notalive_if_empty()  -- a store born now (new, or Redis lost its data)
 end
 if seen_epoch ~= '' and seen_epoch ~= epoch and NOW >= RESYNC_UNTIL then
   -- gone, or re-created by another client since we saw it: the data was lost
