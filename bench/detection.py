@@ -67,6 +67,7 @@ async def bulk_main(settings: Settings, first: int, count: int) -> None:
                 k = first + j
                 await pub.send(SERVICE, f"i{k}", bulk_body(k, seq))
                 if seq > 1 and j % 100 == 0:  # spread the round over the interval
+                    await pub.push()
                     due = start + j / count * BULK_INTERVAL_MS / 1000
                     await asyncio.sleep(max(0.0, due - time.perf_counter()))
             await pub.flush()

@@ -229,9 +229,11 @@ async def backlog(settings: Settings, n: int, instances: int, profile: str | Non
 async def publisher_main(
     settings: Settings, rate: int, seconds: float, instances: int, first_seq: int
 ) -> None:
-    """The publisher process: ``rate`` heartbeats/s round-robin over ``instances``, their seq
-    counting up from ``first_seq`` (each step of the ladder goes on from the last, so the
-    aggregator does not see them as stale)."""
+    """The publisher process: ``rate`` heartbeats/s round-robin over ``instances`` for
+    ``seconds`` (``rate * seconds`` of them, each written when the schedule says, in chunks
+    every 2 ms), their seq counting up from ``first_seq`` (each step of the ladder goes on from
+    the last, so the aggregator does not see them as stale). Prints how many it sent and the
+    seconds until the last was written."""
     bodies = [
         beat_body(
             "steady",
@@ -243,18 +245,21 @@ async def publisher_main(
         for k in range(instances)
     ]
     seq_marker = b'"seq":1,'
+    total = int(rate * seconds)
     sent, start = 0, time.perf_counter()
     async with RawPublisher(settings) as pub:
-        while (elapsed := time.perf_counter() - start) < seconds:
-            due = int(rate * elapsed)
+        while sent < total:
+            due = min(total, int(rate * (time.perf_counter() - start)))
             while sent < due:
                 k = sent % instances
                 seq = first_seq + sent // instances
                 body = bodies[k].replace(seq_marker, b'"seq":%d,' % seq, 1)
                 await pub.send("steady", f"i{k}", body)
                 sent += 1
-            await asyncio.sleep(0.002)
-    elapsed = time.perf_counter() - start
+            await pub.push()
+            if sent < total:
+                await asyncio.sleep(0.002)
+        elapsed = time.perf_counter() - start  # until the last heartbeat was written
     print(f"{sent} {elapsed:.3f}", flush=True)
 
 
@@ -357,7 +362,7 @@ async def purge(settings: Settings) -> None:
 
 
 async def steady(settings: Settings, quick: bool) -> list[Row]:
-    rates = [1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12000, 14000]
+    rates = [1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 11000, 12000, 14000]
     seconds, instances = (3.0, 2000) if quick else (6.0, 5000)
     await declare(settings)
     print(f"  steady state ({seconds:g} s per rate, {instances} instances), one aggregator:")

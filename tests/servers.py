@@ -328,8 +328,9 @@ class RedisGroup:
             str(misses),
         )
 
-    def start_worker(self, name: str, **env: str) -> subprocess.Popen[bytes]:
-        return self.spawn(name, "failover", "run", "--group", "db", "--redis-promote", "db", **env)
+    def start_worker(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        run = ("failover", "run", "--group", "db", "--redis-promote", "db", *args)
+        return self.spawn(name, *run, **env)
 
     async def workers_consuming(self, *names: str, timeout_s: float = 15) -> None:
         deadline = time.monotonic() + timeout_s

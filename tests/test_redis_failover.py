@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ from redis.exceptions import RedisError
 
 from hbbus.routing import NoRoute, Router
 from hbbus.settings import Settings
+from hbbus.store import StoreConfig
+from tests.conftest import FAST
 from tests.helpers import Background, EventSink, run_cli, wait_until
 from tests.servers import FAST_SYNC, PrivateRedis, RedisGroup
 
@@ -234,4 +237,53 @@ async def test_a_worker_killed_half_way_is_finished_by_the_other(settings, aggre
         await asyncio.sleep(1)  # a window for a second promotion to show (there must be none)
         assert len(sink.of("promoted")) == 1
     finally:
+        await sink.close()
+
+
+async def test_a_promotion_given_up_is_finished_when_a_replica_returns(
+    settings, aggregators, group
+):
+    """Both replicas' hosts go silent (their sidecars are killed: two `dead`), then the
+    primary dies: with no live replica the promotion gives up, and with no retries its `dead`
+    goes to the dead-letter queue, so nothing but a returning member can finish it. When r2's
+    sidecar comes back, its `recovered` finishes the promotion: r2 becomes the primary, in
+    Redis and in routing, with one `promoted`. (The mass-expiry guard is set off: three of
+    three members dying within its window is what it exists to hold back.)"""
+    await aggregators(1, dataclasses.replace(FAST, store=StoreConfig(lease_ms=1500, mass_min=10)))
+    sink = await EventSink(settings, "promoted.db.*").start()
+    deaths = await EventSink(settings, "dead.db.*").start()
+    try:
+        group.start_worker("worker-a", "--max-retries", "0")
+        await group.workers_consuming("worker-a")
+        for name in ("r1", "r2", "r3"):
+            group.start_sidecar(name)
+        await group_ready(group, settings)
+        for name in ("r2", "r3"):
+            group.procs[f"sidecar-{name}"].kill()
+        await deaths.wait_for("dead", count=2, timeout_s=TTL_S + 5)
+        group.servers["r1"].proc.kill()  # type: ignore[union-attr]  # kill -9
+        await deaths.wait_for("dead", "r1", timeout_s=TTL_S + 5)
+        await wait_until(
+            lambda: (
+                "dead db/r1 failed for good after 1 tries: ActionFailed: db: no live replica"
+                in group.log_of("worker-a")
+            ),
+            10,
+            "the promotion to give up and its event to be dead-lettered",
+        )
+        for name in ("r2", "r3"):
+            assert (await replication(group.servers[name].addr))["role"] == "slave"
+        assert sink.of("promoted") == []
+
+        group.start_sidecar("r2")
+        promoted = await sink.wait_for("promoted", timeout_s=15)
+        assert promoted[0]["instance"] == "r2" and promoted[0]["data"]["old_primary"] == "r1"
+        assert (await replication(group.servers["r2"].addr))["role"] == "master"
+        async with Router("db", settings=settings) as router:
+            ok = await router.wait_for(lambda t: t.primary == "r2" and t.routable("primary"), 10)
+            assert ok, router.table
+        await asyncio.sleep(2 * TTL_S)  # a second promotion would have shown by now
+        assert len(sink.of("promoted")) == 1, sink.of("promoted")
+    finally:
+        await deaths.close()
         await sink.close()

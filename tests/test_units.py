@@ -10,6 +10,7 @@ import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from hbbus.cli.main import parse_meta
 from hbbus.client import new_incarnation
@@ -18,9 +19,10 @@ from hbbus.failover import RetryPolicy
 from hbbus.names import Names, split_instance_id
 from hbbus.ops import topic_match
 from hbbus.settings import NAME_RE, Settings, redact
-from hbbus.store import ClaimResult
+from hbbus.store import ClaimResult, OutEvent
 from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_event, decode_heartbeat
-from hbbus.workers.aggregator import Aggregator, AggregatorConfig, coalesce
+from hbbus.workers.aggregator import SENDING_BATCHES, Aggregator, AggregatorConfig, coalesce
+from tests.helpers import wait_until
 
 names = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
 json_scalars = st.one_of(
@@ -333,3 +335,54 @@ async def test_a_verdict_that_starts_waiting_ends_a_linger():
     assert not lingering.done()
     agg._probe_for(now + 1)  # the reaper found a deadline past, after the last probe applied
     await asyncio.wait_for(lingering, 5)
+
+
+class GatedPublisher:
+    """Stands in for the aggregator's EventPublisher (the broker side is tested end to end in
+    test_bus): each publish waits for ``gate``, then raises ``error`` or counts the events."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.gate = asyncio.Event()
+        self.error = error
+        self.running = 0
+
+    async def publish(self, events: list[OutEvent]) -> int:
+        self.running += 1
+        await self.gate.wait()
+        self.running -= 1
+        if self.error is not None:
+            raise self.error
+        return len(events)
+
+
+def one_event(n: int) -> list[OutEvent]:
+    return [OutEvent(f"e{n}", f"joined.svc.i{n}", "{}")]
+
+
+async def test_ingest_sends_its_events_while_it_goes_on_and_at_most_a_few_batches_at_once():
+    agg, _ = caught_up_aggregator()
+    agg.publisher = publisher = GatedPublisher()  # type: ignore[assignment]
+    for n in range(SENDING_BATCHES):  # each returns before its events are confirmed
+        await asyncio.wait_for(agg._send(one_event(n)), 5)
+    await wait_until(lambda: publisher.running == SENDING_BATCHES, 5, "the sends to start")
+    more = asyncio.ensure_future(agg._send(one_event(99)))
+    await asyncio.sleep(0.05)
+    assert not more.done()  # the bound holds ingest back
+    publisher.gate.set()
+    await asyncio.wait_for(more, 5)
+    await wait_until(lambda: not agg._sending, 5, "the sends to end")
+    assert agg.counts["events"] == SENDING_BATCHES + 1 and agg._send_error is None
+
+
+async def test_a_bug_in_a_background_send_stops_ingest_and_redis_trouble_does_not():
+    agg, _ = caught_up_aggregator()
+    agg.publisher = publisher = GatedPublisher(RedisConnectionError("finalize failed"))  # type: ignore[assignment]
+    publisher.gate.set()
+    await agg._send(one_event(1))
+    await wait_until(lambda: not agg._sending, 5, "the send to end")
+    assert agg._send_error is None  # the events stay in the outbox; a reaper sends them
+    publisher.error = RuntimeError("a bug")
+    await agg._send(one_event(2))
+    await wait_until(lambda: not agg._sending, 5, "the send to end")
+    with pytest.raises(RuntimeError, match="a bug"):
+        await asyncio.wait_for(agg._ingest_loop(None), 5)  # type: ignore[arg-type]

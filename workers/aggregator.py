@@ -59,6 +59,11 @@ REDIS_ERRORS = (RedisError, OSError)
 
 #: the reaper's kicks send a probe at most this often (200 a second), whatever the deadlines
 PROBE_MIN_GAP_MS = 5
+#: batches of ingest's events being published at once (each up to max_lua_batch events)
+SENDING_BATCHES = 4
+#: on stop, how long to wait for those publishes (what is unconfirmed by then stays in the
+#: outbox, and a reaper publishes it when its lease runs out)
+SEND_DRAIN_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -221,6 +226,10 @@ class Aggregator:
         self._probe_due_ms = 0  # the latest past deadline a verdict waits on a probe for
         self._probe_applied_ms = 0  # the newest probe stamp this aggregator applied
         self._flush = asyncio.Event()  # ends a linger: a verdict waits, or we stop
+        # publishes of the events ingest recorded, running while ingest goes on (at most
+        # SENDING_BATCHES batches of them); a bug in one is raised by the ingest loop
+        self._sending: set[asyncio.Task[None]] = set()
+        self._send_error: BaseException | None = None
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.store: Store | None = None
@@ -304,6 +313,12 @@ class Aggregator:
             self._probe_now.set()
             self._flush.set()
             await asyncio.gather(ingest, reaper, prober, return_exceptions=True)
+            if self._sending:  # what is not confirmed by then stays in the outbox (its lease)
+                _, late = await asyncio.wait(self._sending, timeout=SEND_DRAIN_S)
+                for task in late:
+                    task.cancel()
+                if late:
+                    await asyncio.wait(late)
             with contextlib.suppress(*REDIS_ERRORS):
                 await store.unregister(self.name)
             for task in (ingest, reaper, prober):
@@ -385,6 +400,8 @@ class Aggregator:
 
     async def _ingest_loop(self, store: Store) -> None:
         while True:
+            if self._send_error is not None:
+                raise self._send_error
             if not self._buffer:
                 if self._stopping.is_set():
                     return
@@ -460,7 +477,7 @@ class Aggregator:
                 self.counts["stale"] += stale
                 metrics.STALE.inc(stale)
                 if events:
-                    await self._publish(events)
+                    await self._send(events)
         except REDIS_ERRORS as exc:
             await self._redis_lost(store, exc, last)
             return False
@@ -535,7 +552,36 @@ class Aggregator:
 
     async def _publish(self, events: Sequence[OutEvent]) -> None:
         assert self.publisher is not None
-        self.counts["events"] += await self.publisher.publish(events)
+        done = await self.publisher.publish(events)  # not `+= await`: that reads the count
+        self.counts["events"] += done  # before the wait, and concurrent publishes lose theirs
+
+    async def _send(self, events: Sequence[OutEvent]) -> None:
+        """Publish the events an ingest batch recorded while ingest goes on with the next
+        batch. The script that recorded them put them in the outbox with a lease, in the same
+        step as the state change, so the batch's heartbeats may be acked before the broker
+        confirms them: an aggregator that dies meanwhile loses nothing (a reaper publishes
+        them again when the lease runs out, with the same ids), and an instance's later event
+        is handed out only once this one is finalised, so their order holds. At most
+        SENDING_BATCHES batches are in flight; a slow broker then slows ingest, never memory."""
+        while len(self._sending) >= SENDING_BATCHES:
+            await asyncio.wait(self._sending, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.create_task(self._send_one(events), name="hbbus-send")
+        self._sending.add(task)
+        task.add_done_callback(self._sent)
+
+    async def _send_one(self, events: Sequence[OutEvent]) -> None:
+        try:
+            await self._publish(events)
+        except REDIS_ERRORS as exc:  # not finalised: the lease runs out, a reaper sends again
+            log.warning(
+                "finalising %d events failed (%s); a reaper sends them again", len(events), exc
+            )
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._send_error = task.exception()
+            self._wake.set()  # the ingest loop raises it
 
     # -- reaper ------------------------------------------------------------------------------
     async def _probe_loop(self, heartbeats: AbstractExchange) -> None:
