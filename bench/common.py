@@ -39,7 +39,7 @@ from hbbus.amqp import connect, declare_ingest  # noqa: E402
 from hbbus.names import Names  # noqa: E402
 from hbbus.settings import Settings  # noqa: E402
 from hbbus.store import Store  # noqa: E402
-from hbbus.wire import Heartbeat  # noqa: E402
+from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat  # noqa: E402
 from tests.helpers import drop_namespace  # noqa: E402
 
 TYPICAL_META = {
@@ -300,8 +300,9 @@ class RawPublisher:
     buffer; every 64 KiB the buffer goes into the connection's write queue as one
     ``ChannelFrame`` (aiormq's own writer sends it), and waits until it is written, which bounds
     what waits in memory to about two chunks. Paced senders call :meth:`push` before they
-    sleep, so nothing waits in the buffer across a pause. ``Channel.basic_publish`` per
-    message cost this process about 60 µs per heartbeat (docs/benchmarks.md, seventh round).
+    sleep, so nothing waits in the buffer across a pause. (The Basic.Publish frames kept per
+    routing key take about 6 MB at 100k instances.) ``Channel.basic_publish`` per message
+    cost this process several times more CPU (docs/benchmarks.md, seventh round).
     """
 
     CHUNK = 64 * 1024
@@ -335,6 +336,7 @@ class RawPublisher:
             publish = aiormq.spec.Basic.Publish(exchange=self.exchange, routing_key=routing_key)
             method = self._methods[routing_key] = pamqp.frame.marshal(publish, number)
         size = len(body)
+        assert 0 < size <= MAX_MESSAGE_BYTES  # one body frame (frame_max is 128 KiB here)
         header = self._headers.get(size)
         if header is None:
             content = pamqp.header.ContentHeader(

@@ -51,6 +51,7 @@ from common import (
     profiled,
     queue_depth,
     run,
+    scrape,
     spawn,
     spawn_aggregator,
     wait_ready,
@@ -395,11 +396,12 @@ async def sent_by(pub: Proc) -> int:
     return int(float(out.split()[0]))
 
 
-async def applied_all(agg: Proc, count: int, timeout_s: float = 60) -> None:
-    """Until the aggregator has applied ``count`` heartbeats in all (its joined events are
-    published before it counts them)."""
+async def applied_all(agg: Proc, count: int, joined: int = 0, timeout_s: float = 60) -> None:
+    """Until the aggregator has applied ``count`` heartbeats in all and published ``joined``
+    joined events (it publishes them in the background, after it counted their heartbeats)."""
     deadline = time.monotonic() + timeout_s
-    while await applied([agg]) < count:
+    joined_metric = 'hbbus_events_published_total{kind="joined"}'
+    while await applied([agg]) < count or await scrape(agg.metrics_port, joined_metric) < joined:
         if time.monotonic() > deadline or agg.popen.poll() is not None:
             raise RuntimeError(f"the aggregator did not apply {count} heartbeats")
         await asyncio.sleep(0.05)
@@ -413,7 +415,7 @@ async def cpu_per_heartbeat(linger_ms: float, instances: int) -> float:
         try:
             await wait_ready([agg])
             join = spawn_publisher(settings, CPU_RATE, 3, instances, 1)  # every instance joins
-            await applied_all(agg, await sent_by(join))
+            await applied_all(agg, await sent_by(join), joined=instances)
             applied0, cpu0 = await applied([agg]), cpu_seconds(agg.pid)
             pub = spawn_publisher(settings, CPU_RATE, CPU_SECONDS, instances, 1000)
             beats = await sent_by(pub)

@@ -362,14 +362,16 @@ def one_event(n: int) -> list[OutEvent]:
 async def test_ingest_sends_its_events_while_it_goes_on_and_at_most_a_few_batches_at_once():
     agg, _ = caught_up_aggregator()
     agg.publisher = publisher = GatedPublisher()  # type: ignore[assignment]
-    for n in range(SENDING_BATCHES):  # each returns before its events are confirmed
-        await asyncio.wait_for(agg._send(one_event(n)), 5)
+    for n in range(SENDING_BATCHES):  # a slot at once; the send runs in the background
+        await asyncio.wait_for(agg._send_slot(), 5)
+        agg._send(one_event(n))
     await wait_until(lambda: publisher.running == SENDING_BATCHES, 5, "the sends to start")
-    more = asyncio.ensure_future(agg._send(one_event(99)))
+    slot = asyncio.ensure_future(agg._send_slot())
     await asyncio.sleep(0.05)
-    assert not more.done()  # the bound holds ingest back
+    assert not slot.done()  # the bound holds ingest back
     publisher.gate.set()
-    await asyncio.wait_for(more, 5)
+    await asyncio.wait_for(slot, 5)
+    agg._send(one_event(99))
     await wait_until(lambda: not agg._sending, 5, "the sends to end")
     assert agg.counts["events"] == SENDING_BATCHES + 1 and agg._send_error is None
 
@@ -378,11 +380,41 @@ async def test_a_bug_in_a_background_send_stops_ingest_and_redis_trouble_does_no
     agg, _ = caught_up_aggregator()
     agg.publisher = publisher = GatedPublisher(RedisConnectionError("finalize failed"))  # type: ignore[assignment]
     publisher.gate.set()
-    await agg._send(one_event(1))
+    agg._send(one_event(1))
     await wait_until(lambda: not agg._sending, 5, "the send to end")
     assert agg._send_error is None  # the events stay in the outbox; a reaper sends them
     publisher.error = RuntimeError("a bug")
-    await agg._send(one_event(2))
+    agg._send(one_event(2))
     await wait_until(lambda: not agg._sending, 5, "the send to end")
     with pytest.raises(RuntimeError, match="a bug"):
         await asyncio.wait_for(agg._ingest_loop(None), 5)  # type: ignore[arg-type]
+
+
+class OneJoinStore:
+    """Stands in for the Store in ``_process``: every ingest call records one event."""
+
+    async def ingest(self, chunk: list[Any], name: str, probe: int) -> tuple[int, list[OutEvent]]:
+        return 0, one_event(len(chunk))
+
+
+class AckingChannel:
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self.acked.append(delivery_tag)
+
+
+async def test_a_batch_is_acked_before_its_events_are_confirmed():
+    """The ack does not wait for the broker's confirm of the events the batch recorded (the
+    outbox holds them); the events are still published, and counted, afterwards."""
+    agg, _ = caught_up_aggregator()
+    agg.publisher = publisher = GatedPublisher()  # type: ignore[assignment]
+    channel = AckingChannel()
+    body = Heartbeat("svc", "i1", "inc", 1, 1000, 3, 1, "ok", {}).encode()
+    message = type("Delivery", (), {"routing_key": "hb.svc.i1", "body": body, "channel": channel})()
+    message.delivery_tag = 7
+    await asyncio.wait_for(agg._process(OneJoinStore(), [message]), 5)  # type: ignore[arg-type]
+    assert channel.acked == [7] and publisher.running == 1 and agg.counts["events"] == 0
+    publisher.gate.set()
+    await wait_until(lambda: agg.counts["events"] == 1, 5, "the event to be published")

@@ -1,9 +1,10 @@
 """The aggregator: competing consumer of ``<ns>.aggregator`` (ingest) plus a reaper.
 
 Ingest: deliveries are buffered and applied as one batch — validate, park what is invalid,
-coalesce repeated heartbeats of one instance, one Lua call, publish the transitions it made,
-then one multiple-ack. Redis trouble holds the batch (unacked, bounded by the prefetch) and
-retries it; nothing is acked before it is in Redis.
+coalesce repeated heartbeats of one instance, one Lua call, then one multiple-ack. The
+transitions the call made are in the Redis outbox (with a lease) by then, and are published
+in the background while ingest goes on. Redis trouble holds the batch (unacked, bounded by
+the prefetch) and retries it; nothing is acked before it is in Redis.
 
 The hot path consumes with aiormq directly, on the channel underneath aio-pika's robust
 channel: aio-pika's per-message wrapping cost more than everything else the aggregator does
@@ -313,17 +314,19 @@ class Aggregator:
             self._probe_now.set()
             self._flush.set()
             await asyncio.gather(ingest, reaper, prober, return_exceptions=True)
+            with contextlib.suppress(*REDIS_ERRORS):  # our watermark no longer holds others
+                await store.unregister(self.name)
             if self._sending:  # what is not confirmed by then stays in the outbox (its lease)
                 _, late = await asyncio.wait(self._sending, timeout=SEND_DRAIN_S)
                 for task in late:
                     task.cancel()
                 if late:
                     await asyncio.wait(late)
-            with contextlib.suppress(*REDIS_ERRORS):
-                await store.unregister(self.name)
             for task in (ingest, reaper, prober):
                 if task.done() and not task.cancelled() and task.exception():
                     raise task.exception()  # type: ignore[misc]
+            if self._send_error is not None:  # a send that failed after ingest had stopped
+                raise self._send_error
 
     # -- ingest ------------------------------------------------------------------------------
     async def _sync_consumer(self, restore_queue: bool = False) -> None:
@@ -470,6 +473,7 @@ class Aggregator:
         try:
             for n, chunk in enumerate(chunks):
                 probe = probe_ms if n == len(chunks) - 1 else 0
+                await self._send_slot()  # before the call that starts the events' leases
                 stale, events = await store.ingest(chunk, self.name, probe)
                 if probe:
                     self._probe_applied_ms = max(self._probe_applied_ms, probe)
@@ -477,7 +481,7 @@ class Aggregator:
                 self.counts["stale"] += stale
                 metrics.STALE.inc(stale)
                 if events:
-                    await self._send(events)
+                    self._send(events)
         except REDIS_ERRORS as exc:
             await self._redis_lost(store, exc, last)
             return False
@@ -555,16 +559,23 @@ class Aggregator:
         done = await self.publisher.publish(events)  # not `+= await`: that reads the count
         self.counts["events"] += done  # before the wait, and concurrent publishes lose theirs
 
-    async def _send(self, events: Sequence[OutEvent]) -> None:
-        """Publish the events an ingest batch recorded while ingest goes on with the next
-        batch. The script that recorded them put them in the outbox with a lease, in the same
-        step as the state change, so the batch's heartbeats may be acked before the broker
-        confirms them: an aggregator that dies meanwhile loses nothing (a reaper publishes
-        them again when the lease runs out, with the same ids), and an instance's later event
-        is handed out only once this one is finalised, so their order holds. At most
-        SENDING_BATCHES batches are in flight; a slow broker then slows ingest, never memory."""
+    async def _send_slot(self) -> None:
+        """Until fewer than SENDING_BATCHES batches of events are being published: a slow
+        broker then slows ingest, never memory. Awaited before the Lua call that records a
+        batch's events, since that call starts their leases: waiting for a slot after it
+        could let a lease run out before its publish started (another reaper would then
+        publish the event, and this one's copy would come after the instance's next)."""
         while len(self._sending) >= SENDING_BATCHES:
             await asyncio.wait(self._sending, return_when=asyncio.FIRST_COMPLETED)
+
+    def _send(self, events: Sequence[OutEvent]) -> None:
+        """Publish the events an ingest batch recorded while ingest goes on with the next
+        batch (the caller has waited for :meth:`_send_slot`). The script that recorded them
+        put them in the outbox with a lease, in the same step as the state change, so the
+        batch's heartbeats may be acked before the broker confirms them: an aggregator that
+        dies meanwhile loses nothing (a reaper publishes them again when the lease runs out,
+        with the same ids), and an instance's later event is handed out only once this one is
+        finalised, so their order holds."""
         task = asyncio.create_task(self._send_one(events), name="hbbus-send")
         self._sending.add(task)
         task.add_done_callback(self._sent)
@@ -574,13 +585,17 @@ class Aggregator:
             await self._publish(events)
         except REDIS_ERRORS as exc:  # not finalised: the lease runs out, a reaper sends again
             log.warning(
-                "finalising %d events failed (%s); a reaper sends them again", len(events), exc
+                "recording the outcome of %d published events failed (%s); a reaper publishes "
+                "them again when their lease runs out",
+                len(events),
+                exc,
             )
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._send_error = task.exception()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("publishing ingest's events failed", exc_info=exc)
+            self._send_error = exc
             self._wake.set()  # the ingest loop raises it
 
     # -- reaper ------------------------------------------------------------------------------
