@@ -22,7 +22,7 @@ Three measurements in one run, on one broker, in a private namespace:
    and at 0 (apply what is in hand at once), alternating ``--cpu-rounds`` times.
 
     .venv/bin/python bench/ingest.py [--quick] [--heartbeats 50000] [--instances 5000]
-        [--cpu-rounds 1] [--cpu-only]
+        [--cpu-rounds 1] [--cpu-only] [--backlog-only]
 """
 
 from __future__ import annotations
@@ -466,6 +466,9 @@ async def main(args: argparse.Namespace) -> None:
             emit(await cpu(args.cpu_rounds, instances), args.json)
             return
         rows = await backlog(settings, n, instances, args.profile)
+        if args.backlog_only:
+            emit(rows, args.json)
+            return
     # steady state in a namespace of its own: the backlog's instances would go suspect and
     # dead under the steady aggregator
     async with namespace("ingest-steady") as settings:
@@ -486,6 +489,7 @@ if __name__ == "__main__":
     parser.add_argument("--metrics-port", type=int, default=0)
     parser.add_argument("--cpu-rounds", type=int, default=1, help="A/B pairs of measurement 3")
     parser.add_argument("--cpu-only", action="store_true", help="measurement 3 alone")
+    parser.add_argument("--backlog-only", action="store_true", help="measurement 1 alone")
     cli = parser.parse_args()
     if cli.role == "publisher":
         run(
