@@ -213,7 +213,8 @@ def profiled(pid: int, out: str | None, duration_s: int = 0) -> Iterator[None]:
 
 
 async def scrape(port: int, name: str) -> float:
-    """The value of an unlabelled Prometheus counter served by a worker (0 if not up yet)."""
+    """The value of a Prometheus counter served by a worker (0 if not up yet); ``name`` with
+    its labels as exposed, e.g. ``hbbus_events_published_total{kind="joined"}``."""
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except OSError:
@@ -317,7 +318,6 @@ class RawPublisher:
         self._headers: dict[int, bytes] = {}  # body size -> marshalled content header
         self._buffer: list[bytes] = []
         self._buffered = 0
-        self.sent = 0
 
     async def __aenter__(self) -> RawPublisher:
         self._connection = await aiormq.connect(self.settings.amqp_url)
@@ -349,7 +349,6 @@ class RawPublisher:
 
     async def send(self, service: str, instance: str, body: bytes) -> None:
         self._frames(f"hb.{service}.{instance}", body)
-        self.sent += 1
         if self._buffered >= self.CHUNK:
             await self.push()
 

@@ -71,6 +71,7 @@ STEADY_INTERVAL_MS = 20_000
 #: a ladder step the publisher reaches less than this share of: the cores are full
 FELL_SHORT = 0.9
 CPU_RATE, CPU_SECONDS = 3000, 10.0
+LADDER_RATES = (1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 11000, 12000, 14000)
 
 
 async def publish_backlog(
@@ -302,10 +303,9 @@ async def one_rate(
     the consumer, so the messages it holds unacked, up to the prefetch, count as behind)."""
     before = await applied([consumer])
     pub = spawn_publisher(settings, rate, seconds, instances, first_seq)
-    out, _ = await asyncio.to_thread(pub.popen.communicate, timeout=seconds + 60)
-    sent, elapsed = (float(x) for x in out.split())
+    sent, elapsed = await published(pub, seconds)
     await asyncio.sleep(0.1)
-    behind = int(sent) - (await applied([consumer]) - before)
+    behind = sent - (await applied([consumer]) - before)
     reached = sent / elapsed
     kept_up = behind <= 0.1 * rate + 200
     note = "kept up" if kept_up else "BEHIND"
@@ -316,7 +316,7 @@ async def one_rate(
         f"{note}",
         flush=True,
     )
-    return kept_up, reached, int(sent)
+    return kept_up, reached, sent
 
 
 def spawn_publisher(
@@ -363,18 +363,17 @@ async def purge(settings: Settings) -> None:
 
 
 async def steady(settings: Settings, quick: bool) -> list[Row]:
-    rates = [1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 11000, 12000, 14000]
     seconds, instances = (3.0, 2000) if quick else (6.0, 5000)
     await declare(settings)
     print(f"  steady state ({seconds:g} s per rate, {instances} instances), one aggregator:")
     agg = spawn_aggregator(settings)
     await wait_ready([agg])
-    agg_best = await ladder(settings, agg, rates, seconds, instances)
+    agg_best = await ladder(settings, agg, LADDER_RATES, seconds, instances)
     print("  steady state, do-nothing aiormq consumer process:")
     port = free_port()
     null = spawn([__file__, "--role", "null", "--metrics-port", str(port)], settings, port)
     await wait_ready([null])
-    null_best = await ladder(settings, null, rates, seconds, instances)
+    null_best = await ladder(settings, null, LADDER_RATES, seconds, instances)
     ratio = agg_best / null_best if null_best else 0.0
     return [
         Row(
@@ -390,10 +389,11 @@ async def steady(settings: Settings, quick: bool) -> list[Row]:
     ]
 
 
-async def sent_by(pub: Proc) -> int:
-    """What a publisher process sent, once it has finished."""
-    out, _ = await asyncio.to_thread(pub.popen.communicate, timeout=CPU_SECONDS + 60)
-    return int(float(out.split()[0]))
+async def published(pub: Proc, seconds: float) -> tuple[int, float]:
+    """What a publisher process of ``seconds`` sent, and in how long, once it has finished."""
+    out, _ = await asyncio.to_thread(pub.popen.communicate, timeout=seconds + 60)
+    sent, elapsed = out.split()
+    return int(sent), float(elapsed)
 
 
 async def applied_all(agg: Proc, count: int, joined: int = 0, timeout_s: float = 60) -> None:
@@ -403,7 +403,10 @@ async def applied_all(agg: Proc, count: int, joined: int = 0, timeout_s: float =
     joined_metric = 'hbbus_events_published_total{kind="joined"}'
     while await applied([agg]) < count or await scrape(agg.metrics_port, joined_metric) < joined:
         if time.monotonic() > deadline or agg.popen.poll() is not None:
-            raise RuntimeError(f"the aggregator did not apply {count} heartbeats")
+            raise RuntimeError(
+                f"the aggregator did not apply {count} heartbeats "
+                f"and publish {joined} joined events"
+            )
         await asyncio.sleep(0.05)
 
 
@@ -415,10 +418,11 @@ async def cpu_per_heartbeat(linger_ms: float, instances: int) -> float:
         try:
             await wait_ready([agg])
             join = spawn_publisher(settings, CPU_RATE, 3, instances, 1)  # every instance joins
-            await applied_all(agg, await sent_by(join), joined=instances)
+            joins, _ = await published(join, 3)
+            await applied_all(agg, joins, joined=instances)
             applied0, cpu0 = await applied([agg]), cpu_seconds(agg.pid)
             pub = spawn_publisher(settings, CPU_RATE, CPU_SECONDS, instances, 1000)
-            beats = await sent_by(pub)
+            beats, _ = await published(pub, CPU_SECONDS)
             await applied_all(agg, applied0 + beats)
             cpu_us = (cpu_seconds(agg.pid) - cpu0) * 1e6 / max(1, beats)
         finally:
@@ -460,6 +464,9 @@ async def main(args: argparse.Namespace) -> None:
                 "meta": "endpoint, role, zone, version",
                 "aggregator": "python -m hbbus.cli aggregator",
                 "steady interval_ms": STEADY_INTERVAL_MS,
+                "ladder rates/s": ",".join(map(str, LADDER_RATES)),
+                "ladder stops below share of a step": FELL_SHORT,
+                "cpu rate/s, seconds, rounds": f"{CPU_RATE}, {CPU_SECONDS:g}, {args.cpu_rounds}",
             },
         )
         if args.cpu_only:

@@ -50,7 +50,7 @@ from hbbus.amqp import (
 )
 from hbbus.errors import ConfigError, DeliveryFailed, InvalidMessage, NotFound, PermanentFailure
 from hbbus.names import Names
-from hbbus.runtime import stop_reason
+from hbbus.runtime import cancel_and_wait, stop_reason
 from hbbus.settings import Settings, check_name
 from hbbus.store import StoreConfig, connect_redis
 from hbbus.wire import ACTION_KINDS, EVENT_KINDS, Event, decode_event, new_event
@@ -418,10 +418,7 @@ class FailoverConsumer:
             keeper.result()  # a keeper that failed raises its own error: not a takeover
             raise _TakenOver(f"another run took over {event.id} while its handler ran")
         finally:
-            for task in (keeper, work):
-                if not task.done():
-                    task.cancel()
-                    await asyncio.wait({task})  # never raises: a second cancel is not swallowed
+            await cancel_and_wait(keeper, work)
 
     async def _run_handler(
         self,

@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from hbbus.amqp import AMQP_ERRORS, connect, declare_events
 from hbbus.errors import ConfigError, HbbusError, Unavailable
 from hbbus.names import Names
+from hbbus.runtime import cancel_and_wait
 from hbbus.settings import Settings, check_name
 from hbbus.store import connect_redis
 from hbbus.wire import Event, new_event
@@ -329,9 +330,7 @@ class Router:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         if self._connection is not None:
             with contextlib.suppress(*AMQP_ERRORS):

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 log = logging.getLogger("hbbus")
 
@@ -53,6 +54,18 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
     swallows a cancellation that races with completion.
     """
     return await sleep_or_stop(event, seconds)
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel those of ``tasks`` that are not done, all of them first, then wait until they
+    have ended. A cancellation of the caller during the wait is raised, never swallowed (as
+    ``await task`` under ``suppress(CancelledError)`` would), and no task is left running
+    because an earlier one's wait was interrupted."""
+    pending = {task for task in tasks if not task.done()}
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
 
 
 def setup_logging(verbosity: int) -> None:

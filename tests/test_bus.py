@@ -243,12 +243,14 @@ async def test_a_consumer_wanted_no_more_is_not_started_by_a_pending_retry(setti
     [proc] = await aggregators(1)
     agg = proc.aggregator
     channel = await agg._consume_channel.get_underlay_channel()
-    assert agg._consumer_tag in channel.consumers
+    agg._want_consumer = False  # no consumer, as after a reconnect or a broker cancel
+    await agg._sync_consumer()
+    assert agg._consumer_tag is None and not channel.consumers
+    agg._want_consumer = True
     async with agg._consume_lock:  # the retry starts and waits here, as behind a reconnect
         agg._resync_consumer("test")
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # let the retry reach the lock
         agg._want_consumer = False  # as _redis_lost decides meanwhile
-    await agg._sync_consumer()
     await asyncio.wait_for(agg._resync, 10)
     assert agg._consumer_tag is None and not channel.consumers, "consuming after all"
     agg._want_consumer = True  # as when Redis is back

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 
 import aio_pika
 import orjson
@@ -309,6 +311,19 @@ async def lease_test_consumer(settings, group):
     return consumer, started, release, ended
 
 
+@contextlib.asynccontextmanager
+async def running_released(
+    consumer: FailoverConsumer, release: asyncio.Event
+) -> AsyncIterator[None]:
+    """``running(consumer)``, with the blocked handler released before the teardown waits
+    for it, also when an assertion failed (else the teardown times out and hides it)."""
+    async with running(consumer):
+        try:
+            yield
+        finally:
+            release.set()
+
+
 @pytest.mark.parametrize("other", ["holds the lease", "finished the event"])
 async def test_a_member_whose_event_was_taken_over_stops_its_handler(settings, other):
     """Guarantee 6: this member stalled past its lease and another member took the event
@@ -324,7 +339,7 @@ async def test_a_member_whose_event_was_taken_over_stops_its_handler(settings, o
     done = names.failover_key(group, "done:dead-db-1-1")
     redis = connect_redis(settings)
     try:
-        async with running(consumer):
+        async with running_released(consumer, release):
             await publish(settings, event())
             await asyncio.wait_for(started.wait(), 10)
             if other == "holds the lease":
@@ -340,14 +355,12 @@ async def test_a_member_whose_event_was_taken_over_stops_its_handler(settings, o
             else:
                 assert not await redis.exists(inflight), "this member took the lease again"
             assert consumer.counts["retried"] == consumer.counts["dead-lettered"] == 0
-        release.set()
         connection = await connect(settings, "test", robust=False)
         async with connection:
             channel = await connection.channel()
             queue = await channel.declare_queue(names.failover_queue(group), passive=True)
             assert queue.declaration_result.message_count == 0, "acked, not requeued"
     finally:
-        release.set()  # a failed assertion must not leave the handler blocking the teardown
         await redis.aclose()
 
 
@@ -360,7 +373,7 @@ async def test_a_lease_that_ran_out_untaken_is_the_holders_again(settings):
     inflight = Names(settings.namespace).failover_key("regained", "inflight:dead-db-1-1")
     redis = connect_redis(settings)
     try:
-        async with running(consumer):
+        async with running_released(consumer, release):
             await publish(settings, event())
             await asyncio.wait_for(started.wait(), 10)
             token = await redis.get(inflight)
@@ -372,7 +385,6 @@ async def test_a_lease_that_ran_out_untaken_is_the_holders_again(settings):
             await wait_until(lambda: consumer.counts["handled"] == 1, 10, "handled")
         assert ended == ["finished"] and consumer.counts["taken-over"] == 0
     finally:
-        release.set()
         await redis.aclose()
 
 
@@ -386,7 +398,7 @@ async def test_a_stale_event_is_not_taken_back(settings):
     inflight = names.failover_key("stale", "inflight:dead-db-1-1")
     redis = connect_redis(settings)
     try:
-        async with running(consumer):
+        async with running_released(consumer, release):
             await publish(settings, event())
             await asyncio.wait_for(started.wait(), 10)
             await redis.hset(names.failover_key("stale", "order"), "db/db-1", 2)
@@ -394,5 +406,4 @@ async def test_a_stale_event_is_not_taken_back(settings):
             await wait_until(lambda: consumer.counts["taken-over"] == 1, 10, "stopped")
             assert ended == ["cancelled"] and not await redis.exists(inflight)
     finally:
-        release.set()
         await redis.aclose()

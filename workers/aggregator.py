@@ -49,7 +49,7 @@ from hbbus.amqp import (
 )
 from hbbus.errors import DeliveryFailed, InvalidMessage
 from hbbus.names import Names
-from hbbus.runtime import sleep_or_stop, stop_reason, wait_event
+from hbbus.runtime import cancel_and_wait, sleep_or_stop, stop_reason, wait_event
 from hbbus.settings import Settings
 from hbbus.store import ClaimResult, OutEvent, Store, StoreConfig
 from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_heartbeat, decode_probe, encode_probe
@@ -62,9 +62,6 @@ REDIS_ERRORS = (RedisError, OSError)
 PROBE_MIN_GAP_MS = 5
 #: batches of ingest's events being published at once (each up to max_lua_batch events)
 SENDING_BATCHES = 4
-#: on stop, how long to wait for those publishes (what is unconfirmed by then stays in the
-#: outbox, and a reaper publishes it when its lease runs out)
-SEND_DRAIN_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -303,25 +300,22 @@ class Aggregator:
             )
         finally:
             stopped.cancel()
-            self._want_consumer = False
-            with contextlib.suppress(*AMQP_ERRORS):
-                await self._sync_consumer()
+            await self._stop_consuming()
             self._stopping.set()
             if self._resync is not None:
-                self._resync.cancel()
-                await asyncio.wait({self._resync})
+                await cancel_and_wait(self._resync)
             self._wake.set()
             self._probe_now.set()
             self._flush.set()
             await asyncio.gather(ingest, reaper, prober, return_exceptions=True)
             with contextlib.suppress(*REDIS_ERRORS):  # our watermark no longer holds others
                 await store.unregister(self.name)
-            if self._sending:  # what is not confirmed by then stays in the outbox (its lease)
-                _, late = await asyncio.wait(self._sending, timeout=SEND_DRAIN_S)
-                for task in late:
-                    task.cancel()
-                if late:
-                    await asyncio.wait(late)
+            if self._sending:  # what is not confirmed by then stays in the outbox: a reaper
+                # publishes it when its lease runs out, so waiting longer than that buys nothing
+                _, late = await asyncio.wait(
+                    self._sending, timeout=self.config.store.lease_ms / 1000
+                )
+                await cancel_and_wait(*late)
             for task in (ingest, reaper, prober):
                 if task.done() and not task.cancelled() and task.exception():
                     raise task.exception()  # type: ignore[misc]
@@ -329,6 +323,11 @@ class Aggregator:
                 raise self._send_error
 
     # -- ingest ------------------------------------------------------------------------------
+    async def _stop_consuming(self) -> None:
+        self._want_consumer = False
+        with contextlib.suppress(*AMQP_ERRORS):  # a channel gone has no consumer either
+            await self._sync_consumer()
+
     async def _sync_consumer(self, restore_queue: bool = False) -> None:
         """Make the consume channel match ``_want_consumer``: our consumer on the robust
         channel's current aiormq channel (one, never two), or none. Serialised, so a reconnect,
@@ -337,6 +336,8 @@ class Aggregator:
         cancelled the consumer because the queue was deleted)."""
         assert self._consume_channel is not None and self._queue is not None
         async with self._consume_lock:
+            if not self._want_consumer and self._consumer_tag is None:
+                return  # nothing to cancel: no need for a channel (nor to wait for the broker)
             channel = cast(aiormq.Channel, await self._consume_channel.get_underlay_channel())
             tag = self._consumer_tag
             ours = tag is not None and tag in channel.consumers
@@ -408,8 +409,7 @@ class Aggregator:
             if not self._buffer:
                 if self._stopping.is_set():
                     return
-                await self._wake.wait()
-                self._wake.clear()
+                await self._wake.wait()  # cleared below, once what woke us is in the batch
             await self._linger()
             batch, self._buffer = self._buffer, []
             self._wake.clear()  # what woke us is in the batch
@@ -496,9 +496,7 @@ class Aggregator:
         take them), wait for Redis, then consume again."""
         log.warning("Redis failed (%s): pausing ingest, heartbeats go back to the queue", exc)
         self.redis_ok = False
-        self._want_consumer = False
-        with contextlib.suppress(*AMQP_ERRORS):  # a channel gone has no consumer either
-            await self._sync_consumer()
+        await self._stop_consuming()
         held, self._buffer = self._buffer, []
         with contextlib.suppress(*AMQP_ERRORS):
             # multiple=True covers every unacked delivery up to the latest on this channel

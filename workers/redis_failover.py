@@ -34,6 +34,7 @@ from hbbus.amqp import AMQP_ERRORS
 from hbbus.errors import ActionFailed, ConfigError, HbbusError
 from hbbus.failover import Action, FailoverConsumer
 from hbbus.routing import Change, Endpoint, RoutingTable, Table
+from hbbus.runtime import cancel_and_wait
 from hbbus.settings import parse_addr
 from hbbus.wire import Event, new_event
 from hbbus.workers.routes import DOWN_KINDS, UP_KINDS, RoutesAction
@@ -188,8 +189,13 @@ class RedisPromoteAction(Action):
             cancelled = True
             raise
         finally:
-            keeper.cancel()
-            await asyncio.wait({keeper})  # never raises: a second cancel is not swallowed
+            await cancel_and_wait(keeper)
+            if not keeper.cancelled() and keeper.exception() is not None:
+                log.error(
+                    "redis %s: the promotion lock's keeper failed",
+                    self.service,
+                    exc_info=keeper.exception(),
+                )
             if cancelled:
                 # shutdown, or another member took the event over: let the lock run out now
                 # (the keeper stopped first, so no renewal lands after), and the member that
