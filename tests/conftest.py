@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiormq.connection
 import pytest
 
+from hbbus.amqp import use_buffered_frame_reader
 from hbbus.settings import Settings
 from hbbus.store import StoreConfig
 from hbbus.workers.aggregator import Aggregator, AggregatorConfig
@@ -135,8 +137,14 @@ class RunningAggregator:
 
 
 @pytest.fixture
-async def aggregators(settings: Settings) -> AsyncIterator[Callable[..., object]]:
-    """Start in-process aggregators: ``await start(n=1, config=FAST)``; stopped at teardown."""
+async def aggregators(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[..., object]]:
+    """Start in-process aggregators: ``await start(n=1, config=FAST)``; stopped at teardown.
+    They read as ``hbbus aggregator`` does: through the buffered frame reader, which hands
+    their deliveries out directly (for the test, every connection opened meanwhile does)."""
+    monkeypatch.setattr(aiormq.connection, "FrameReceiver", aiormq.connection.FrameReceiver)
+    assert use_buffered_frame_reader(), "the workers' frame reader does not install"
     running: list[RunningAggregator] = []
 
     async def start(

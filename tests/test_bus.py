@@ -6,10 +6,12 @@ import asyncio
 import dataclasses
 import time
 
+import aiormq.connection
 import orjson
 
-from hbbus.amqp import connect
+from hbbus.amqp import connect, use_buffered_frame_reader
 from hbbus.client import Heartbeater
+from hbbus.frames import Delivery
 from hbbus.names import Names
 from hbbus.settings import Settings
 from hbbus.store import Store
@@ -212,6 +214,40 @@ async def test_direct_delivery_hands_every_message_to_take(settings):
         assert [m.delivery_tag for m in taken] == [1, 2, 3]
         await raw.basic_ack(taken[-1].delivery_tag, multiple=True)
         assert called == []
+
+
+async def test_the_buffered_reader_hands_deliveries_out_directly_in_order(settings, monkeypatch):
+    """As the aggregator process reads: through the buffered frame reader, which after the
+    first delivery (through the hook) parses whole deliveries itself and hands them to take.
+    Every message arrives once, whole and in order, empty and many-frame bodies included,
+    most of them handed out directly, and a multiple ack of the last one takes them all."""
+    monkeypatch.setattr(aiormq.connection, "FrameReceiver", aiormq.connection.FrameReceiver)
+    assert use_buffered_frame_reader()
+    connection = await connect(settings, "test-direct-reader", robust=False)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        raw = await channel.get_underlay_channel()
+        await raw.basic_qos(prefetch_count=5000)
+        taken: list = []
+        assert direct_delivery(raw, taken.append)
+        bodies = [b"first", b""] + [b'{"n":%d}' % i for i in range(3000)] + [b"y" * 300_000]
+        bodies += [b"after %d" % i for i in range(500)]
+        for body in bodies:
+            await raw.basic_publish(body, routing_key=queue.name)
+        await raw.basic_consume(queue.name, lambda message: None)
+        await wait_until(lambda: len(taken) == len(bodies), 20, "every delivery")
+        assert [m.body for m in taken] == bodies
+        assert [m.delivery_tag for m in taken] == list(range(1, len(bodies) + 1))
+        assert {m.routing_key for m in taken} == {queue.name}
+        direct = [m for m in taken if isinstance(m, Delivery)]
+        assert len(direct) > len(bodies) // 2, "few deliveries were handed out directly"
+        assert not isinstance(taken[0], Delivery), "the first one registers the channel"
+        assert not isinstance(taken[3002], Delivery), "a body of many frames goes aiormq's way"
+        await raw.basic_ack(taken[-1].delivery_tag, multiple=True)
+        await raw.basic_qos(prefetch_count=1)  # a round trip: the ack was taken, no error
+        declared = await raw.queue_declare(queue.name, passive=True)
+        assert declared.message_count == 0
 
 
 async def test_the_aggregator_consumes_again_after_the_broker_cancels_it(

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import secrets
+from types import SimpleNamespace
 
 import aio_pika
 import aiormq
@@ -310,3 +311,239 @@ async def test_a_robust_connection_reading_through_it_survives_a_broker_restart(
         assert len(used) >= 2, "the reconnected connection did not read through it"
     finally:
         await connection.close()
+
+
+# -- deliveries handed out directly --------------------------------------------------------
+class StubChannel:
+    """What the reader reads of an aiormq channel: its number, frame queue, consumers, state
+    and its connection's channels."""
+
+    def __init__(self, number: int = 1) -> None:
+        self.number = number
+        self.frames: asyncio.Queue = asyncio.Queue()
+        self.consumers: dict[str, object] = {"ctag": None}
+        self.is_closed = False
+        self.connection = SimpleNamespace(channels={number: self})
+
+
+def deliveries() -> list[tuple[int, object]]:
+    """Deliveries on channel 1 (empty, small and many-frame bodies, one for a consumer the
+    channel does not know) among frames of other channels."""
+    out: list[tuple[int, object]] = []
+    for tag in range(1, 31):
+        body = b"" if tag == 3 else b"x" * 300_000 if tag == 9 else b'{"n":%d}' % tag
+        ctag = "other" if tag == 17 else "ctag"
+        key = f"hb.web.web-{tag}-\u00e9"  # a non-ASCII routing key
+        out.append((1, commands.Basic.Deliver(ctag, tag, tag % 2 == 0, "hbbus.hb", key)))
+        out.append((1, ContentHeader(0, len(body))))
+        out += [(1, ContentBody(body[i : i + 131_064])) for i in range(0, len(body), 131_064)]
+        if tag % 7 == 0:
+            out.append((2, commands.Basic.Ack(tag)))
+        if tag % 11 == 0:
+            out.append((0, heartbeat.Heartbeat()))
+    return out
+
+
+async def read_channel(
+    channel: StubChannel, got: list[tuple[str, object]], others: list[tuple[int, object]]
+) -> None:
+    """As aiormq's channel reader with the aggregator's hook: deliveries from the queue."""
+
+    async def next_frame() -> object:
+        frame = await channel.frames.get()
+        channel.frames.task_done()
+        return frame
+
+    while True:
+        frame = await next_frame()
+        if not isinstance(frame, commands.Basic.Deliver):
+            others.append((channel.number, frame))
+            continue
+        header = await next_frame()
+        assert isinstance(header, ContentHeader)
+        body = b""
+        while len(body) < header.body_size:
+            body += (await next_frame()).value  # type: ignore[attr-defined]
+        if frame.consumer_tag in channel.consumers:
+            got.append(("aiormq", (frame, body)))
+
+
+async def connection_reading(
+    chunks: list[bytes], channel: StubChannel, *, channel_reader: bool = True
+) -> tuple[list[tuple[str, object]], list[tuple[int, object]]]:
+    """As an aiormq connection reads through the buffered reader with ``channel`` registered:
+    frames of the channel go to its queue, a channel reader (as aiormq's, with the
+    aggregator's hook) reads deliveries from it. Returns what the consumer got, in order
+    (``("direct", Delivery)`` or ``("aiormq", (Deliver, body))``), and the other frames."""
+    got: list[tuple[str, object]] = []
+    others: list[tuple[int, object]] = []
+    receiver = BufferedFrameReceiver(ChunkReader(chunks))  # type: ignore[arg-type]
+    receiver.deliver_directly(channel, lambda d: got.append(("direct", d)))  # type: ignore[arg-type]
+
+    reader = asyncio.create_task(read_channel(channel, got, others)) if channel_reader else None
+    try:
+        while True:
+            try:
+                _, number, frame = await receiver.get_frame()
+            except StopAsyncIteration:
+                break
+            if number == channel.number:
+                await channel.frames.put(frame)
+            else:
+                others.append((number, frame))
+        if reader is not None:
+            await asyncio.wait_for(channel.frames.join(), 5)
+    finally:
+        if reader is not None:
+            reader.cancel()
+    return got, others
+
+
+def as_sent(got: list[tuple[str, object]]) -> list[tuple[str, int, bool, str, str, bytes]]:
+    """What the consumer got, as (consumer tag, delivery tag, redelivered, exchange,
+    routing key, body), whichever way it came."""
+    out = []
+    for how, item in got:
+        if how == "direct":
+            d = item
+            out.append(
+                (d.consumer_tag, d.delivery_tag, d.redelivered, d.exchange, d.routing_key, d.body)  # type: ignore[attr-defined]
+            )
+        else:
+            f, body = item  # type: ignore[misc]
+            out.append(
+                (f.consumer_tag, f.delivery_tag, f.redelivered, f.exchange, f.routing_key, body)
+            )
+    return out
+
+
+def wanted() -> list[tuple[str, int, bool, str, str, bytes]]:
+    frames = deliveries()
+    out = []
+    for i, (_, frame) in enumerate(frames):
+        if isinstance(frame, commands.Basic.Deliver) and frame.consumer_tag == "ctag":
+            body = b"".join(
+                f.value
+                for _, f in itertools.takewhile(
+                    lambda cf: not isinstance(cf[1], commands.Basic.Deliver), frames[i + 2 :]
+                )
+                if isinstance(f, ContentBody)
+            )
+            out.append(
+                (
+                    frame.consumer_tag,
+                    frame.delivery_tag,
+                    frame.redelivered,
+                    frame.exchange,
+                    frame.routing_key,
+                    body,
+                )
+            )
+    return out
+
+
+def marshalled(frames: list[tuple[int, object]]) -> bytes:
+    return b"".join(pamqp.frame.marshal(f, c) for c, f in frames)  # type: ignore[arg-type]
+
+
+async def test_deliveries_of_a_registered_channel_are_handed_out_whole_and_in_order():
+    data = marshalled(deliveries())
+    got, others = await connection_reading([data], StubChannel())
+    assert as_sent(got) == wanted()
+    ways = {
+        item[0].delivery_tag if how == "aiormq" else item.delivery_tag: how for how, item in got
+    }  # type: ignore[index,attr-defined]
+    assert ways[9] == "aiormq", "a body of many frames goes the way aiormq reads it"
+    assert 17 not in ways, "a delivery for a consumer the channel does not know is dropped"
+    assert sum(how == "direct" for how in ways.values()) == len(ways) - 1
+    kinds = [(c, type(f).__name__) for c, f in others if not isinstance(f, heartbeat.Heartbeat)]
+    assert kinds == [(2, "Ack")] * 4, "the other channels' frames come out as they were"
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=400_000), max_size=60))
+def test_deliveries_keep_their_order_however_the_bytes_arrive(cuts):
+    """Whole deliveries are handed out directly, split ones go through the channel's queue:
+    the consumer gets every delivery once, whole, in the order the broker sent them."""
+    data = marshalled(deliveries())
+
+    async def go() -> list[tuple[str, object]]:
+        got, _ = await connection_reading(split(data, cuts), StubChannel())
+        return got
+
+    assert as_sent(asyncio.run(go())) == wanted()
+
+
+async def test_a_delivery_behind_a_queued_frame_waits_for_the_channel_reader():
+    """The channel's reader gets one turn of the loop to take what is queued; if the queue
+    still holds a frame after it, the delivery goes through the queue, behind it."""
+    channel = StubChannel()
+    one = marshalled(
+        [
+            (1, commands.Basic.Deliver("ctag", 5, False, "x", "k")),
+            (1, ContentHeader(0, 2)),
+            (1, ContentBody(b"{}")),
+        ]
+    )
+    channel.frames.put_nowait(commands.Basic.Deliver("ctag", 4, False, "x", "k"))  # stuck
+    got, _ = await connection_reading([one], channel, channel_reader=False)
+    assert got == [], "handed out ahead of a delivery still in the queue"
+    assert channel.frames.qsize() == 4  # the stuck one, then tag 5's three frames behind it
+
+    channel = StubChannel()
+    channel.frames.put_nowait(commands.Basic.Deliver("ctag", 4, False, "x", "k"))
+    channel.frames.put_nowait(ContentHeader(0, 2))
+    channel.frames.put_nowait(ContentBody(b"{}"))
+    got, _ = await connection_reading([one], channel)
+    ways = [how for how, _ in got]
+    assert list(zip(ways, [sent[1] for sent in as_sent(got)], strict=True)) == [
+        ("aiormq", 4),
+        ("direct", 5),
+    ]
+
+
+async def test_a_closed_channel_or_a_reused_number_is_read_the_aiormq_way():
+    data = marshalled(deliveries()[:3])  # tag 1, whole
+    closed = StubChannel()
+    closed.is_closed = True
+    got, _ = await connection_reading([data], closed)
+    assert [how for how, _ in got] == ["aiormq"]
+    reused = StubChannel()
+    reused.connection.channels[1] = StubChannel()  # the number is another channel's now
+    got, _ = await connection_reading([data], reused)
+    assert [how for how, _ in got] == ["aiormq"]
+
+
+async def test_handing_out_gives_the_connection_a_frame_before_waiting():
+    """aiormq's connection judges the socket dead by the time of the last frame it got: after
+    handing deliveries out, the reader returns a heartbeat frame before it waits to read."""
+    channel = StubChannel()
+    taken: list[object] = []
+    reader = reader_of([marshalled(deliveries()[:6])], eof=False)  # tags 1 and 2
+    receiver = BufferedFrameReceiver(reader)
+    receiver.deliver_directly(channel, taken.append)  # type: ignore[arg-type]
+    _, number, frame = await receiver.get_frame()
+    assert (number, type(frame)) == (0, heartbeat.Heartbeat)
+    assert [d.delivery_tag for d in taken] == [1, 2]  # type: ignore[attr-defined]
+    pending = asyncio.ensure_future(receiver.get_frame())
+    await reading(reader)
+    assert not pending.done()
+    pending.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await pending
+
+
+async def test_a_failing_take_is_logged_and_reading_goes_on(caplog):
+    channel = StubChannel()
+    seen: list[int] = []
+
+    def take(delivery) -> None:  # type: ignore[no-untyped-def]
+        seen.append(delivery.delivery_tag)
+        raise RuntimeError("boom")
+
+    receiver = BufferedFrameReceiver(reader_of([marshalled(deliveries()[:6])]))
+    receiver.deliver_directly(channel, take)  # type: ignore[arg-type]
+    [(number, frame)] = await read_all(receiver)
+    assert (number, type(frame)) == (0, heartbeat.Heartbeat)
+    assert seen == [1, 2]
+    assert caplog.text.count("taking a delivery failed") == 2

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 import aio_pika
 import aiormq
@@ -53,6 +53,14 @@ from hbbus.runtime import cancel_and_wait, sleep_or_stop, stop_reason, wait_even
 from hbbus.settings import Settings
 from hbbus.store import ClaimResult, OutEvent, Store, StoreConfig
 from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_heartbeat, decode_probe, encode_probe
+
+try:  # the buffered reader's direct deliveries (aiormq internals: may be missing)
+    from hbbus.frames import receiver_of
+except (ImportError, AttributeError):  # pragma: no cover
+
+    def receiver_of(frame: object) -> None:  # type: ignore[misc]
+        return None
+
 
 log = logging.getLogger("hbbus.aggregator")
 REDIS_ERRORS = (RedisError, OSError)
@@ -106,7 +114,21 @@ def event_kind(routing_key: str) -> str:
     return routing_key if routing_key.startswith("observer.") else routing_key.split(".", 1)[0]
 
 
-def delivery_tag(message: DeliveredMessage) -> int:
+class Incoming(Protocol):
+    """A delivery as ingest reads it: aiormq's ``DeliveredMessage``, or the buffered
+    reader's ``hbbus.frames.Delivery``."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def routing_key(self) -> str | None: ...
+    @property
+    def delivery_tag(self) -> int | None: ...
+    @property
+    def channel(self) -> aiormq.abc.AbstractChannel: ...
+
+
+def delivery_tag(message: Incoming) -> int:
     """A delivery's tag. Never 0: with ``multiple``, 0 means every unacked delivery, those
     not yet in Redis included."""
     if not message.delivery_tag:
@@ -114,21 +136,25 @@ def delivery_tag(message: DeliveredMessage) -> int:
     return message.delivery_tag
 
 
-async def nack_all(last: DeliveredMessage) -> None:
+async def nack_all(last: Incoming) -> None:
     """Give back every unacked delivery on ``last``'s channel, up to ``last``."""
     await last.channel.basic_nack(delivery_tag(last), multiple=True, requeue=True)
 
 
-def direct_delivery(
-    channel: aiormq.abc.AbstractChannel, take: Callable[[DeliveredMessage], None]
-) -> bool:
+def direct_delivery(channel: aiormq.abc.AbstractChannel, take: Callable[[Incoming], None]) -> bool:
     """Hand ``channel``'s deliveries to ``take`` from its frame reader, instead of aiormq
     starting a task per delivery for the consumer callback (that task, with its bookkeeping,
     cost about a tenth of the aggregator's CPU). ``take`` must not block. Deliveries for a
     consumer tag the channel does not know are dropped, and an exception from ``take`` is
     logged, as aiormq does for its callbacks. Uses the channel's protected per-delivery hook
     (aiormq 7.2; ``tests/test_bus.py`` checks it installs); where an aiormq lacks it, nothing
-    changes and the consumer callback gets the deliveries. True if installed."""
+    changes and the consumer callback gets the deliveries. True if installed.
+
+    On a connection that reads through :class:`hbbus.frames.BufferedFrameReceiver` (the
+    workers'), the first delivery through the hook also registers the channel with that
+    reader, which from then on hands most deliveries to ``take`` itself, as
+    ``hbbus.frames.Delivery``, without unmarshalling them or passing them through the
+    channel's queue."""
     consumers = getattr(channel, "consumers", None)
     get_frame = getattr(channel, "_get_frame", None)
     read_content = getattr(channel, "_read_content", None)
@@ -151,6 +177,9 @@ def direct_delivery(
             take(message)
         except Exception:  # as aiormq does: a failing callback must not close the channel
             log.exception("taking a delivery failed")
+        receiver = receiver_of(frame)
+        if receiver is not None:  # from now on its reader hands deliveries out itself
+            receiver.deliver_directly(channel, take)
 
     setattr(channel, "_on_deliver_frame", on_deliver)  # noqa: B010 (a protected hook)
     return True
@@ -216,7 +245,7 @@ class Aggregator:
         self.names = Names(settings.namespace)
         self.name = name or worker_name("aggregator")
         self.counts: Counter[str] = Counter()
-        self._buffer: list[DeliveredMessage] = []
+        self._buffer: list[Incoming] = []
         self._wake = asyncio.Event()
         self._watermark_moved = asyncio.Event()  # a probe was applied: due verdicts may go
         self._probe_now = asyncio.Event()  # a deadline passed: send a probe without waiting
@@ -395,7 +424,7 @@ class Aggregator:
         self._buffer = []
         self._resync_consumer("after a reconnect")
 
-    def _take(self, message: DeliveredMessage) -> None:
+    def _take(self, message: Incoming) -> None:
         self._buffer.append(message)
         self._wake.set()
 
@@ -434,9 +463,9 @@ class Aggregator:
             and not self._stopping.is_set()
         )
 
-    async def _process(self, store: Store, batch: list[DeliveredMessage]) -> None:
+    async def _process(self, store: Store, batch: list[Incoming]) -> None:
         valid: list[Heartbeat] = []
-        invalid: list[tuple[DeliveredMessage, InvalidMessage]] = []
+        invalid: list[tuple[Incoming, InvalidMessage]] = []
         probe_ms = 0
         for message in batch:
             try:
@@ -461,7 +490,7 @@ class Aggregator:
             )
 
     async def _apply(
-        self, store: Store, valid: list[Heartbeat], probe_ms: int, last: DeliveredMessage
+        self, store: Store, valid: list[Heartbeat], probe_ms: int, last: Incoming
     ) -> bool:
         """Apply valid heartbeats (in chunks of one Lua call each), then the batch's newest
         probe (with the last chunk: the watermark moves only once all of them are in).
@@ -491,7 +520,7 @@ class Aggregator:
             metrics.BATCH.observe(len(valid))
         return True
 
-    async def _redis_lost(self, store: Store, exc: BaseException, last: DeliveredMessage) -> None:
+    async def _redis_lost(self, store: Store, exc: BaseException, last: Incoming) -> None:
         """Stop consuming, give every unacked heartbeat back to the queue (other aggregators
         take them), wait for Redis, then consume again."""
         log.warning("Redis failed (%s): pausing ingest, heartbeats go back to the queue", exc)
@@ -516,9 +545,7 @@ class Aggregator:
         self._want_consumer = True
         self._resync_consumer("after the Redis outage")
 
-    async def _park(
-        self, store: Store, invalid: list[tuple[DeliveredMessage, InvalidMessage]]
-    ) -> bool:
+    async def _park(self, store: Store, invalid: list[tuple[Incoming, InvalidMessage]]) -> bool:
         """Refuse heartbeats: park each, with its reason, in ``<ns>.invalid``, and count them.
         False if parking failed (the caller then does not ack them)."""
         assert self._pub_channel is not None
