@@ -71,7 +71,7 @@ STEADY_INTERVAL_MS = 20_000
 #: a ladder step the publisher reaches less than this share of: the cores are full
 FELL_SHORT = 0.9
 CPU_RATE, CPU_SECONDS = 3000, 10.0
-LADDER_RATES = (1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 11000, 12000, 14000)
+LADDER_RATES = (*range(1000, 12_001, 1000), 14_000, 16_000, 18_000, 20_000)
 
 
 async def publish_backlog(

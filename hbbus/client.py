@@ -9,7 +9,6 @@ heartbeats — the task reconnects with capped backoff and carries on with the s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import secrets
@@ -29,7 +28,7 @@ from aiormq.abc import ChannelFrame
 from hbbus.amqp import AMQP_ERRORS, connect, declare_heartbeats
 from hbbus.errors import ConfigError, SkipBeat, Unavailable
 from hbbus.names import Names
-from hbbus.runtime import sleep_or_stop, wait_event
+from hbbus.runtime import cancel_and_wait, sleep_or_stop, wait_event
 from hbbus.settings import Settings, check_name
 from hbbus.wire import MAX_MESSAGE_BYTES, STATUSES, Heartbeat
 
@@ -179,8 +178,9 @@ class Heartbeater:
         self._stop.set()
         if self._wake is not None:
             _wake_up(self._wake)
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        # not `await self._task`: a cancel of the caller would cancel the task too (and its
+        # `left`), and suppressing CancelledError here would swallow the caller's cancel
+        await asyncio.wait({self._task})
         self._task = None
         self._connected.clear()
 
@@ -189,9 +189,7 @@ class Heartbeater:
         if self._task is not None:
             self._leave = False
             self._stop.set()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)  # a cancel of the caller is raised, not swallowed
             self._task = None
             self._connected.clear()
 

@@ -167,7 +167,9 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
             self._buffer += data
 
     def _next_frame(self) -> aiormq.connection.ReceivedFrame | None:
-        """The next whole frame in the buffer, unmarshalled; None if there is none yet."""
+        """The next whole frame in the buffer, unmarshalled; None if there is none yet;
+        :data:`_LET_CHANNEL_READ` if a delivery to hand out waits behind queued frames.
+        Deliveries handed out on the way are passed over."""
         buffer, pos = self._buffer, self._pos
         if len(buffer) - pos < 8:  # a frame is at least 8 bytes, and so is a protocol header
             return None
@@ -180,18 +182,19 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
             end = pos + 8 + size
             if end > len(buffer):
                 return None
-            if kind != 1 or number not in self._direct:
-                break
-            handed = self._hand_out(pos, number, end)
+            handed = kind == 1 and number in self._direct and self._hand_out(pos, number, end)
             if handed is None:
                 return _LET_CHANNEL_READ
             if not handed:
-                break
+                return self._unmarshal(pos, end)
             pos = self._pos  # handed out: on to the frame after it
             if len(buffer) - pos < 8:
                 return None
+
+    def _unmarshal(self, pos: int, end: int) -> aiormq.connection.ReceivedFrame:
+        """The frame from ``pos`` to ``end`` in the buffer, by pamqp; move past it."""
         self._pos = end
-        with memoryview(buffer) as view:
+        with memoryview(self._buffer) as view:
             raw = bytes(view[pos:end])  # one copy
         try:
             frame = pamqp.frame.unmarshal(raw)

@@ -249,11 +249,13 @@ class Store:
             upcoming if upcoming >= 0 else None,
         )
 
-    async def finalize(self, event_ids: Iterable[str]) -> None:
-        """Drop published (confirmed) events from the outbox."""
+    async def finalize(self, event_ids: Iterable[str]) -> int:
+        """Drop published (confirmed) events from the outbox. Returns how many of them have a
+        later event of their instance waiting (a reaper may hand it out now)."""
         ids = list(event_ids)
-        if ids:
-            await self._finalize(keys=self._keys, args=[*self._common, *ids])
+        if not ids:
+            return 0
+        return int(await self._finalize(keys=self._keys, args=[*self._common, *ids]))
 
     async def release_events(self, event_ids: Iterable[str]) -> None:
         """Give back events that could not be published: a reaper retries them at once."""

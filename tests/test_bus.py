@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import time
 
+import aio_pika
 import aiormq.connection
 import orjson
 
@@ -74,6 +75,50 @@ async def test_fleet_deaths_leaves_recoveries_and_restarts(settings, aggregators
     assert len(ids) == len(set(ids))
     for b in [*beaters[5:], back, again]:
         await b.stop()
+
+
+async def test_an_event_held_back_goes_out_once_the_one_before_is_confirmed(
+    settings, aggregators, sink
+):
+    """An instance's event waits in the outbox while its previous one is being published.
+    When that one is confirmed and finalised, the reaper hands the waiting one out at once,
+    not at its next look (here a minute away: no deadline is near, and its longest sleep is
+    a minute)."""
+    config = dataclasses.replace(FAST, reaper_max_sleep_ms=60_000)
+    [proc] = await aggregators(1, config)
+    publisher = proc.aggregator.publisher
+    gate = asyncio.Event()
+    publish_one = publisher._one
+
+    async def gated(event):  # the `joined` publish waits until the restart is recorded
+        if event.routing_key.startswith("joined."):
+            await gate.wait()
+        await publish_one(event)
+
+    publisher._one = gated
+    store = Store.from_settings(settings)
+    record = store.names.record_key("held", "h-1")
+    connection = await connect(settings, "test-held-back", robust=False)
+    try:
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(Names(settings.namespace).heartbeats_exchange)
+            for incarnation in ("inc-1", "inc-2"):  # joined, then restarted
+
+                async def applied(incarnation: str = incarnation) -> bool:
+                    return await store.redis.hget(record, "inc") == incarnation
+
+                beat = Heartbeat("held", "h-1", incarnation, 1, 20_000, 3, 0, "ok", {})
+                await exchange.publish(aio_pika.Message(beat.encode()), beat.routing_key)
+                await wait_until(applied, 10, f"the heartbeat of {incarnation} applied")
+        assert not sink.events
+        gate.set()
+        await sink.wait_for("joined", "h-1", timeout_s=10)
+        restarted = await sink.wait_for("restarted", "h-1", timeout_s=10)
+        assert restarted[0]["incarnation"] == "inc-2"
+    finally:
+        gate.set()
+        await store.close()
 
 
 async def test_killed_between_claim_and_publish_loses_nothing(settings, aggregators, sink):
@@ -306,3 +351,26 @@ async def test_a_passed_deadline_does_not_wait_for_the_next_probe(settings, aggr
     await beater.abort()
     await sink.wait_for("suspect", "slow-1", timeout_s=10)
     await sink.wait_for("dead", "slow-1", timeout_s=10)
+
+
+async def test_a_queue_restore_asked_for_while_a_retry_waits_is_done(settings, aggregators):
+    """A retry of the consume started after a reconnect (no restore) is waiting when the
+    broker's cancel asks for the deleted queue to be declared again: the retry does both,
+    so the consume finds its queue (a consume of a missing queue would close the channel)."""
+    [proc] = await aggregators(1)
+    agg = proc.aggregator
+    channel = await agg._consume_channel.get_underlay_channel()
+    agg._want_consumer = False  # no consumer, as after a reconnect
+    await agg._sync_consumer()
+    connection = await connect(settings, "test-restore-queue", robust=False)
+    async with connection:
+        other = await connection.channel()
+        await other.queue_delete(Names(settings.namespace).aggregator_queue)
+    agg._want_consumer = True
+    async with agg._consume_lock:  # the retry starts and waits here
+        agg._resync_consumer("after a reconnect")
+        await asyncio.sleep(0)
+        agg._resync_consumer("after the broker cancelled it", restore_queue=True)
+    await asyncio.wait_for(agg._resync, 10)
+    assert await agg._consume_channel.get_underlay_channel() is channel, "the channel closed"
+    assert agg._consumer_tag in channel.consumers

@@ -6,6 +6,7 @@ import asyncio
 import decimal
 
 import aio_pika
+import pytest
 
 from hbbus.amqp import connect, declare_heartbeats
 from hbbus.client import Heartbeater
@@ -153,3 +154,29 @@ async def test_a_nested_change_in_a_dict_meta_goes_out(settings):
             await wait_until(lambda: _has_meta(queue, beats, {"stats": {"load": 2}}), 5, "load 2")
         finally:
             await hb.stop(leave=False)
+
+
+async def test_a_caller_cancelled_while_stop_or_abort_waits_is_cancelled(settings):
+    """The caller's cancel is raised, never swallowed; a cancelled ``stop`` does not cancel
+    the heartbeat task's ``left``, it is sent all the same."""
+    connection, queue = await _reader(settings)
+    beats: list = []
+    async with connection:
+        hb = Heartbeater("c", "c-1", interval_s=0.05, settings=settings)
+        await hb.start()
+        stopping = asyncio.ensure_future(hb.stop())
+        await asyncio.sleep(0)  # stop() waits for the task now
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        await wait_until(lambda: _has_status(queue, beats, "left"), 5, "left all the same")
+
+        hb = Heartbeater("c", "c-2", interval_s=0.05, settings=settings)
+        await hb.start()
+        task = hb._task
+        aborting = asyncio.ensure_future(hb.abort())
+        await asyncio.sleep(0)
+        aborting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await aborting
+        await wait_until(lambda: task.done(), 5, "the heartbeat task ended")

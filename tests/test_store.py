@@ -186,7 +186,7 @@ async def test_an_instance_events_are_handed_out_in_order(store):
     _, restarted = await ingest(store, hb(1, "i2"), publish=False)
     assert restarted == [], "held back behind the unpublished `joined`"
     assert (await claim(store)).events == []  # `joined` is leased; `restarted` must wait
-    await store.finalize([joined[0].id])
+    assert await store.finalize([joined[0].id]) == 1, "finalize says a later event waits"
     handed = (await claim(store)).events
     assert kinds(handed) == ["restarted"]
     # a publish that failed is released: handed out again at once, same id, before newer ones
@@ -195,8 +195,10 @@ async def test_an_instance_events_are_handed_out_in_order(store):
     assert left == []
     again = (await claim(store)).events
     assert [e.id for e in again] == [handed[0].id]
-    await store.finalize([handed[0].id])
-    assert kinds((await claim(store)).events) == ["left"]
+    assert await store.finalize([handed[0].id]) == 1
+    left = (await claim(store)).events
+    assert kinds(left) == ["left"]
+    assert await store.finalize([left[0].id]) == 0, "nothing waits behind the last one"
     # other instances are not held up by this one
     _, other = await ingest(store, hb(1, inst="b"), publish=False)
     assert kinds(other) == ["joined"]

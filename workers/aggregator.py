@@ -191,11 +191,17 @@ def worker_name(role: str) -> str:
 
 
 class EventPublisher:
-    """Publishes claimed events with confirms and finalises the confirmed ones."""
+    """Publishes claimed events with confirms and finalises the confirmed ones.
+    ``claim_again`` is called when events are ready to be handed out that a reaper would
+    otherwise find only after its sleep: an event of an instance held back behind one that
+    was just finalised, or events whose publish failed and were released."""
 
-    def __init__(self, exchange: AbstractExchange, store: Store) -> None:
+    def __init__(
+        self, exchange: AbstractExchange, store: Store, claim_again: Callable[[], None]
+    ) -> None:
         self.exchange = exchange
         self.store = store
+        self.claim_again = claim_again
 
     async def _one(self, event: OutEvent) -> None:
         await publish_confirmed(
@@ -227,8 +233,10 @@ class EventPublisher:
                 "; ".join(sorted(errors))[:300],
             )
             await self.store.release_events(e.id for e in failed)
+            self.claim_again()
         if done:
-            await self.store.finalize(e.id for e in done)
+            if await self.store.finalize(e.id for e in done):
+                self.claim_again()
             for event in done:
                 metrics.EVENTS.labels(event_kind(event.routing_key)).inc()
         return len(done)
@@ -248,6 +256,7 @@ class Aggregator:
         self._buffer: list[Incoming] = []
         self._wake = asyncio.Event()
         self._watermark_moved = asyncio.Event()  # a probe was applied: due verdicts may go
+        self._claim_now = asyncio.Event()  # events are ready to be handed out (or we stop)
         self._probe_now = asyncio.Event()  # a deadline passed: send a probe without waiting
         self._probe_stamp_ms = 0  # the stamp of the newest probe sent
         self._probe_due_ms = 0  # the latest past deadline a verdict waits on a probe for
@@ -270,6 +279,7 @@ class Aggregator:
         self._want_consumer = False
         self._consume_lock = asyncio.Lock()
         self._resync: asyncio.Task[None] | None = None  # retrying _sync_consumer
+        self._restore_queue = False  # the next sync declares the queue again (it was deleted)
         self.redis_ok = True
         self._clock_offset_ms = 0.0
 
@@ -309,7 +319,7 @@ class Aggregator:
         queue = await declare_ingest(consume_channel, self.names)
         self._pub_channel = await connection.channel(publisher_confirms=True)
         events = await declare_events(self._pub_channel, self.names)
-        self.publisher = EventPublisher(events, store)
+        self.publisher = EventPublisher(events, store, self._claim_again)
         # registered before consuming: the watermark waits for us until our first probe
         await store.ingest([], self.name, 0)
         self._clock_offset_ms = await store.time_ms() - time.time() * 1000
@@ -336,6 +346,7 @@ class Aggregator:
             self._wake.set()
             self._probe_now.set()
             self._flush.set()
+            self._claim_again()
             await asyncio.gather(ingest, reaper, prober, return_exceptions=True)
             with contextlib.suppress(*REDIS_ERRORS):  # our watermark no longer holds others
                 await store.unregister(self.name)
@@ -357,12 +368,12 @@ class Aggregator:
         with contextlib.suppress(*AMQP_ERRORS):  # a channel gone has no consumer either
             await self._sync_consumer()
 
-    async def _sync_consumer(self, restore_queue: bool = False) -> None:
+    async def _sync_consumer(self) -> None:
         """Make the consume channel match ``_want_consumer``: our consumer on the robust
         channel's current aiormq channel (one, never two), or none. Serialised, so a reconnect,
         a broker cancel, a Redis outage and the stop cannot interleave their changes.
-        ``restore_queue``: declare the queue and its bindings again first (the broker
-        cancelled the consumer because the queue was deleted)."""
+        With ``_restore_queue`` set, the queue and its bindings are declared again first
+        (the broker cancelled the consumer because the queue was deleted)."""
         assert self._consume_channel is not None and self._queue is not None
         async with self._consume_lock:
             if not self._want_consumer and self._consumer_tag is None:
@@ -377,8 +388,9 @@ class Aggregator:
                 return
             if ours:
                 return
-            if restore_queue:
+            if self._restore_queue:  # read under the lock: a retry waiting here sees it
                 await cast(aio_pika.abc.AbstractRobustQueue, self._queue).restore()
+                self._restore_queue = False
             if not direct_delivery(channel, self._take):
                 log.info("this aiormq has no per-delivery hook: deliveries go through tasks")
             channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
@@ -388,19 +400,22 @@ class Aggregator:
     def _resync_consumer(self, why: str, restore_queue: bool = False) -> None:
         """Sync the consumer in a task, retrying every second while the broker refuses (one
         such task at a time: a later call while it runs is covered by it, since it goes on
-        until the channel matches the intent as it is then)."""
+        until the channel matches the intent as it is then, and restores the queue first if
+        any call asked for that)."""
+        self._restore_queue = self._restore_queue or restore_queue
         if self._resync is not None and not self._resync.done():
             return
 
         async def resync() -> None:
             while not self._stopping.is_set():
                 try:
-                    await self._sync_consumer(restore_queue)
+                    await self._sync_consumer()
                 except AMQP_ERRORS as exc:
                     log.warning("aggregator %s: consuming again failed (%s)", self.name, exc)
                     await sleep_or_stop(self._stopping, 1.0)
                     continue
-                if self._want_consumer == (self._consumer_tag is not None):
+                matches = self._want_consumer == (self._consumer_tag is not None)
+                if matches and not self._restore_queue:  # (a cancel meanwhile asks again)
                     if self._want_consumer:
                         log.warning("aggregator %s consuming again (%s)", self.name, why)
                     return
@@ -624,6 +639,14 @@ class Aggregator:
             self._wake.set()  # the ingest loop raises it
 
     # -- reaper ------------------------------------------------------------------------------
+    def _claim_again(self) -> None:
+        """Wake the reaper, however it sleeps, for a claim now: events are ready to be handed
+        out (an instance's event held back behind one just finalised, or released ones), or
+        we stop. Without it they would wait for the reaper's next look (up to
+        ``reaper_max_sleep_ms``, or a probe interval)."""
+        self._claim_now.set()
+        self._watermark_moved.set()
+
     async def _probe_loop(self, heartbeats: AbstractExchange) -> None:
         """Send a probe through the heartbeat queue every ``probe_interval_ms``, and at once
         when the reaper finds a deadline passed that no probe sent yet vouches for, stamped
@@ -675,9 +698,11 @@ class Aggregator:
             if not self.redis_ok:  # ingest lost Redis: judge nobody on state we cannot update
                 await sleep_or_stop(stop, 0.1)
                 continue
-            # cleared before the claim: a probe applied while it and the publishing run moves
-            # the watermark past what this claim saw, and must not be missed
+            # cleared before the claim: a probe applied (or an event made ready) while it and
+            # the publishing run moves the watermark past what this claim saw (or is for the
+            # next claim to hand out), and must not be missed
             self._watermark_moved.clear()
+            self._claim_now.clear()
             try:
                 result = await store.claim(self.config.reaper_limit, self.name)
                 self._clock_offset_ms = result.now_ms - time.time() * 1000
@@ -702,7 +727,7 @@ class Aggregator:
         next_due_ms, now_ms = result.next_due_ms, result.now_ms
         if next_due_ms is None or next_due_ms > now_ms:
             wait_s = max_sleep_s if next_due_ms is None else (next_due_ms - now_ms) / 1000
-            await sleep_or_stop(self._stopping, min(max_sleep_s, max(0.002, wait_s)))
+            await wait_event(self._claim_now, min(max_sleep_s, max(0.002, wait_s)))
             return
         self._probe_for(next_due_ms)
         wait_s = self.config.probe_interval_ms / 1000
