@@ -161,7 +161,7 @@ class Heartbeater:
     async def start(self) -> None:
         """Start heartbeating in the background. Waits up to ``connect_timeout_s`` for the first
         connection; if the broker is not there yet it keeps trying and never raises."""
-        if self._task is not None:
+        if self._task is not None and not self._task.done():
             raise RuntimeError("Heartbeater already started")
         self._stop.clear()
         self._connected.clear()
@@ -180,16 +180,25 @@ class Heartbeater:
             _wake_up(self._wake)
         # not `await self._task`: a cancel of the caller would cancel the task too (and its
         # `left`), and suppressing CancelledError here would swallow the caller's cancel
-        await asyncio.wait({self._task})
-        self._task = None
-        self._connected.clear()
+        try:
+            await asyncio.wait({self._task})
+        finally:
+            self._forget_task()
 
     async def abort(self) -> None:
         """Stop at once without ``left`` — as if the process had died (demo and tests)."""
         if self._task is not None:
             self._leave = False
             self._stop.set()
-            await cancel_and_wait(self._task)  # a cancel of the caller is raised, not swallowed
+            try:
+                await cancel_and_wait(self._task)  # a cancel of the caller is raised
+            finally:
+                self._forget_task()
+
+    def _forget_task(self) -> None:
+        """After stop or abort: once the task has ended (a caller cancelled while waiting
+        for it may leave it finishing its ``left``), the Heartbeater may start again."""
+        if self._task is not None and self._task.done():
             self._task = None
             self._connected.clear()
 

@@ -41,6 +41,7 @@ _FRAME = struct.Struct(">BHI")
 _IDS = struct.Struct(">HH")
 _TAG_BITS = struct.Struct(">QB")
 _CONTENT = struct.Struct(">HHQ")
+_HEADER_MIN = _CONTENT.size + 2  # class, weight, body size, property flags
 _DELIVER_IDS = (60, 60)
 _FRAME_END = 0xCE
 #: what the reader returns after handing deliveries out directly (see get_frame)
@@ -262,7 +263,13 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
             return None
         kind, channel, size = _FRAME.unpack_from(buffer, at)
         end = at + 8 + size
-        if kind != 2 or channel != number or end > len(buffer) or buffer[end - 1] != _FRAME_END:
+        if (
+            kind != 2
+            or channel != number
+            or size < _HEADER_MIN  # not a header pamqp would read: let it say why
+            or end > len(buffer)
+            or buffer[end - 1] != _FRAME_END
+        ):
             return None
         class_id, _, body_size = _CONTENT.unpack_from(buffer, at + 7)
         if class_id != 60:

@@ -374,3 +374,29 @@ async def test_a_queue_restore_asked_for_while_a_retry_waits_is_done(settings, a
     await asyncio.wait_for(agg._resync, 10)
     assert await agg._consume_channel.get_underlay_channel() is channel, "the channel closed"
     assert agg._consumer_tag in channel.consumers
+
+
+async def test_a_broker_cancel_before_the_consume_reply_is_recognised(settings, aggregators):
+    """The broker may cancel a consumer (its queue deleted) before the aggregator has read
+    the reply to its consume: the cancel names the new tag, and the aggregator must take it
+    as a cancel of its consumer and consume again, not ignore it and believe it consumes."""
+    [proc] = await aggregators(1)
+    agg = proc.aggregator
+    channel = await agg._consume_channel.get_underlay_channel()
+    consume = channel.basic_consume
+    cancelled: list[str] = []
+
+    async def cancelled_before_the_reply(queue, callback, **kwargs):  # once
+        channel.basic_consume = consume
+        agg._on_cancelled(aiormq.spec.Basic.Cancel(consumer_tag=kwargs["consumer_tag"]))
+        cancelled.append(kwargs["consumer_tag"])
+        return await consume(queue, callback, **kwargs)
+
+    agg._want_consumer = False
+    await agg._sync_consumer()
+    channel.basic_consume = cancelled_before_the_reply
+    agg._want_consumer = True
+    await agg._sync_consumer()
+    await wait_until(lambda: agg._resync is not None and agg._resync.done(), 10, "the resync")
+    assert cancelled and agg._consumer_tag not in (None, cancelled[0])
+    assert agg._consumer_tag in channel.consumers

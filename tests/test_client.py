@@ -170,6 +170,9 @@ async def test_a_caller_cancelled_while_stop_or_abort_waits_is_cancelled(setting
         with pytest.raises(asyncio.CancelledError):
             await stopping
         await wait_until(lambda: _has_status(queue, beats, "left"), 5, "left all the same")
+        await hb.start()  # the task has ended: it starts again
+        assert hb.connected
+        await hb.stop()
 
         hb = Heartbeater("c", "c-2", interval_s=0.05, settings=settings)
         await hb.start()

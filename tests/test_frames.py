@@ -547,3 +547,19 @@ async def test_a_failing_take_is_logged_and_reading_goes_on(caplog):
     assert (number, type(frame)) == (0, heartbeat.Heartbeat)
     assert seen == [1, 2]
     assert caplog.text.count("taking a delivery failed") == 2
+
+
+async def test_a_short_content_header_is_refused_as_aiormq_refuses_it():
+    """A delivery whose header frame is too short to read is not handed out: pamqp reads it
+    and the error is aiormq's, whether or not the header is the last thing in the buffer."""
+    deliver = pamqp.frame.marshal(commands.Basic.Deliver("ctag", 1, False, "x", "k"), 1)
+    short = bytes([2, 0, 1, 0, 0, 0, 4, 0, 0x3C, 0, 0, 0xCE])  # 4 bytes of a 14-byte header
+    body = pamqp.frame.marshal(ContentBody(b"{}"), 1)
+    for data in (deliver + short, deliver + short + body):
+        receiver = BufferedFrameReceiver(reader_of([data]))
+        taken: list[object] = []
+        receiver.deliver_directly(StubChannel(), taken.append)  # type: ignore[arg-type]
+        _, _, frame = await receiver.get_frame()
+        assert isinstance(frame, commands.Basic.Deliver) and taken == []
+        with pytest.raises(aiormq.exceptions.InvalidFrameError, match="ContentHeader"):
+            await receiver.get_frame()

@@ -192,9 +192,10 @@ def worker_name(role: str) -> str:
 
 class EventPublisher:
     """Publishes claimed events with confirms and finalises the confirmed ones.
-    ``claim_again`` is called when events are ready to be handed out that a reaper would
-    otherwise find only after its sleep: an event of an instance held back behind one that
-    was just finalised, or events whose publish failed and were released."""
+    ``claim_again`` is called when an event of an instance held back behind one just
+    finalised is ready to be handed out, which a reaper would otherwise find only after its
+    sleep. Events whose publish failed are released and wait for the reaper's next look: a
+    broker that refuses them at once is not asked again in a busy loop."""
 
     def __init__(
         self, exchange: AbstractExchange, store: Store, claim_again: Callable[[], None]
@@ -233,7 +234,6 @@ class EventPublisher:
                 "; ".join(sorted(errors))[:300],
             )
             await self.store.release_events(e.id for e in failed)
-            self.claim_again()
         if done:
             if await self.store.finalize(e.id for e in done):
                 self.claim_again()
@@ -387,6 +387,7 @@ class Aggregator:
                     await channel.basic_cancel(tag)
                 return
             if ours:
+                self._restore_queue = False  # a queue we consume from exists
                 return
             if self._restore_queue:  # read under the lock: a retry waiting here sees it
                 await cast(aio_pika.abc.AbstractRobustQueue, self._queue).restore()
@@ -394,8 +395,15 @@ class Aggregator:
             if not direct_delivery(channel, self._take):
                 log.info("this aiormq has no per-delivery hook: deliveries go through tasks")
             channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
-            ok = await channel.basic_consume(self._queue.name, self._on_message)
-            self._consumer_tag = ok.consumer_tag
+            # the tag is ours before the call: a broker cancel that comes before its reply
+            # (the queue deleted meanwhile) must be recognised as a cancel of this consumer
+            tag = self._consumer_tag = f"hbbus-ingest.{secrets.token_hex(8)}"
+            try:
+                await channel.basic_consume(self._queue.name, self._on_message, consumer_tag=tag)
+            except BaseException:
+                if self._consumer_tag == tag:
+                    self._consumer_tag = None
+                raise
 
     def _resync_consumer(self, why: str, restore_queue: bool = False) -> None:
         """Sync the consumer in a task, retrying every second while the broker refuses (one
@@ -640,10 +648,10 @@ class Aggregator:
 
     # -- reaper ------------------------------------------------------------------------------
     def _claim_again(self) -> None:
-        """Wake the reaper, however it sleeps, for a claim now: events are ready to be handed
-        out (an instance's event held back behind one just finalised, or released ones), or
-        we stop. Without it they would wait for the reaper's next look (up to
-        ``reaper_max_sleep_ms``, or a probe interval)."""
+        """Wake the reaper, however it sleeps, for a claim now: an instance's event held back
+        behind one just finalised is ready to be handed out, or we stop. Without it the event
+        would wait for the reaper's next look (up to ``reaper_max_sleep_ms``, or a probe
+        interval)."""
         self._claim_now.set()
         self._watermark_moved.set()
 
