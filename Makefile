@@ -30,7 +30,7 @@ test: install servers
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy hbbus workers cli
+	$(BIN)/mypy hbbus workers cli bench
 
 bench: install servers
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/all.py $(BENCH_ARGS)

@@ -59,7 +59,7 @@ from common import (
 
 from hbbus.names import Names
 from hbbus.settings import Settings
-from hbbus.workers.aggregator import AggregatorConfig
+from hbbus.workers.aggregator import AggregatorConfig, delivery_tag
 
 PREFETCH = 2000
 DRAIN_TIMEOUT_S = 600  # a drain that takes longer has lost messages, or its consumer
@@ -127,7 +127,7 @@ async def drain_aiormq(settings: Settings, queue_name: str, n: int) -> float:
             nonlocal seen
             seen += 1
             if seen % ACK_EVERY == 0 or seen == n:
-                await channel.basic_ack(message.delivery_tag, multiple=True)
+                await channel.basic_ack(delivery_tag(message), multiple=True)
             if seen == n:
                 done.set()
 
@@ -284,7 +284,7 @@ async def null_consumer_main(settings: Settings, metrics_port: int) -> None:
         seen += 1
         consumed.inc()
         if seen % ACK_EVERY == 0:
-            await channel.basic_ack(message.delivery_tag, multiple=True)
+            await channel.basic_ack(delivery_tag(message), multiple=True)
 
     await channel.basic_consume(Names(settings.namespace).aggregator_queue, on_message)
     await asyncio.Event().wait()

@@ -448,7 +448,12 @@ class Store:
     async def drop_namespace(self) -> int:
         """Delete every key of this namespace (tests and the demo clean up with it)."""
         pattern = self.names.key_prefix.replace("{", "\\{").replace("}", "\\}") + "*"
-        deleted = 0
+        deleted, batch = 0, []
         async for key in self.redis.scan_iter(match=pattern, count=1000):
-            deleted += await self.redis.delete(key)
+            batch.append(key)
+            if len(batch) >= 1000:  # one call per thousand keys, not one per key
+                deleted += await self.redis.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += await self.redis.unlink(*batch)
         return deleted

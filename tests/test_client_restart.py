@@ -1,14 +1,16 @@
 """The heartbeat client: a broker outage only pauses heartbeats, an absent broker never blocks
 or breaks the host, the thread-based client, and a failing meta callable.
 
-The outage test stops and starts a RabbitMQ node of its own (tests/servers.py); the shared
-broker is only ever used, never stopped.
+The outage tests stop and start a RabbitMQ node of their own (tests/servers.py), one of them
+under an aggregator told to stop meanwhile; the shared broker is only ever used, never
+stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import threading
@@ -338,3 +340,20 @@ async def test_a_large_meta_goes_out_in_several_body_frames(private_rabbit, read
     assert all(b.meta == meta for b in beats)
     assert hb.dropped == 0
     assert_in_order(beats)
+
+
+async def test_an_aggregator_told_to_stop_during_a_broker_outage_stops(
+    private_rabbit, aggregators, settings
+):
+    """A stop while the broker is away (SIGTERM during an outage): the aggregator does not
+    wait for the broker to come back to cancel a consumer that went with the connection."""
+    [proc] = await aggregators(1, s=dataclasses.replace(settings, amqp_url=private_rabbit.url))
+    assert proc.aggregator._consumer_tag is not None
+    await asyncio.to_thread(private_rabbit.stop_app)
+    try:
+        await asyncio.sleep(0.5)  # the connection notices the broker is gone
+        proc.stop_event.set()
+        done, _ = await asyncio.wait({proc.task}, timeout=30)
+        assert done, "the aggregator is still waiting for the broker"
+    finally:
+        await asyncio.to_thread(private_rabbit.start_app)

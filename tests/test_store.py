@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 
 import orjson
@@ -504,3 +505,20 @@ async def test_claim_names_the_next_deadline_to_come_while_one_past_waits(store)
     assert "suspect.svc.soon" in [e.routing_key for e in result.events]
     # nothing past waits any more: the next deadline (soon's death) is the one to sleep until
     assert result.next_due_ms > result.now_ms and result.upcoming_ms is None
+
+
+async def test_drop_namespace_deletes_its_keys_and_only_its_keys(store, settings):
+    other = Store.from_settings(dataclasses.replace(settings, namespace=settings.namespace + "x"))
+    try:
+        prefix = store.names.key_prefix
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for k in range(2_345):  # more than one batch of deletes
+                pipe.set(f"{prefix}k{k}", 1)
+            await pipe.execute()
+        await other.redis.set(other.names.key_prefix + "kept", 1)
+        assert await store.drop_namespace() == 2_345
+        assert [k async for k in store.redis.scan_iter(match=prefix + "*", count=1000)] == []
+        assert await other.redis.get(other.names.key_prefix + "kept") is not None
+    finally:
+        await other.drop_namespace()
+        await other.close()

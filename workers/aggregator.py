@@ -70,6 +70,8 @@ REDIS_ERRORS = (RedisError, OSError)
 PROBE_MIN_GAP_MS = 5
 #: batches of ingest's events being published at once (each up to max_lua_batch events)
 SENDING_BATCHES = 4
+#: on stop, how long to wait for the consume channel to cancel our consumer (the broker away)
+STOP_CONSUMING_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -339,7 +341,7 @@ class Aggregator:
             )
         finally:
             stopped.cancel()
-            await self._stop_consuming()
+            await self._stop_consuming(STOP_CONSUMING_S)
             self._stopping.set()
             if self._resync is not None:
                 await cancel_and_wait(self._resync)
@@ -363,10 +365,13 @@ class Aggregator:
                 raise self._send_error
 
     # -- ingest ------------------------------------------------------------------------------
-    async def _stop_consuming(self) -> None:
+    async def _stop_consuming(self, timeout_s: float | None = None) -> None:
+        """Cancel our consumer, waiting for the channel at most ``timeout_s``: a channel
+        that is not back by then (the broker away) has no consumer of ours either, and what
+        we held goes back to the queue when the connection closes."""
         self._want_consumer = False
-        with contextlib.suppress(*AMQP_ERRORS):  # a channel gone has no consumer either
-            await self._sync_consumer()
+        with contextlib.suppress(*AMQP_ERRORS, TimeoutError):
+            await asyncio.wait_for(self._sync_consumer(), timeout_s)
 
     async def _sync_consumer(self) -> None:
         """Make the consume channel match ``_want_consumer``: our consumer on the robust
