@@ -162,6 +162,8 @@ class Heartbeater:
         """Start heartbeating in the background. Waits up to ``connect_timeout_s`` for the first
         connection; if the broker is not there yet it keeps trying and never raises."""
         if self._task is not None and not self._task.done():
+            if self._stop.is_set():  # a stop() that was cancelled: the task sends `left`
+                raise RuntimeError("Heartbeater still stopping: await stop() before start()")
             raise RuntimeError("Heartbeater already started")
         self._stop.clear()
         self._connected.clear()
@@ -211,6 +213,12 @@ class Heartbeater:
 
     # -- the background task ---------------------------------------------------------------
     async def _run(self) -> None:
+        try:
+            await self._run_sessions()
+        finally:
+            self._connected.clear()  # also when the task ends after its stop() was cancelled
+
+    async def _run_sessions(self) -> None:
         backoff = 0.1
         while not self._stop.is_set():
             connects = self.connects

@@ -271,7 +271,7 @@ async def test_the_buffered_reader_hands_deliveries_out_directly_in_order(settin
     connection = await connect(settings, "test-direct-reader", robust=False)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        queue = await channel.declare_queue(exclusive=True)  # gone with the connection
         raw = await channel.get_underlay_channel()
         await raw.basic_qos(prefetch_count=5000)
         taken: list = []
@@ -291,8 +291,10 @@ async def test_the_buffered_reader_hands_deliveries_out_directly_in_order(settin
         assert not isinstance(taken[3002], Delivery), "a body of many frames goes aiormq's way"
         await raw.basic_ack(taken[-1].delivery_tag, multiple=True)
         await raw.basic_qos(prefetch_count=1)  # a round trip: the ack was taken, no error
-        declared = await raw.queue_declare(queue.name, passive=True)
-        assert declared.message_count == 0
+        await raw.close()  # anything not acked would go back to the queue now
+        other = await connection.channel()
+        declared = await other.declare_queue(queue.name, passive=True)
+        assert declared.declaration_result.message_count == 0
 
 
 async def test_the_aggregator_consumes_again_after_the_broker_cancels_it(
@@ -400,3 +402,4 @@ async def test_a_broker_cancel_before_the_consume_reply_is_recognised(settings, 
     await wait_until(lambda: agg._resync is not None and agg._resync.done(), 10, "the resync")
     assert cancelled and agg._consumer_tag not in (None, cancelled[0])
     assert agg._consumer_tag in channel.consumers
+    await channel.basic_cancel(cancelled[0])  # the broker never cancelled it: we do

@@ -170,6 +170,10 @@ async def test_a_caller_cancelled_while_stop_or_abort_waits_is_cancelled(setting
         with pytest.raises(asyncio.CancelledError):
             await stopping
         await wait_until(lambda: _has_status(queue, beats, "left"), 5, "left all the same")
+        task = hb._task
+        assert task is not None
+        await wait_until(task.done, 5, "the heartbeat task ended")
+        assert not hb.connected
         await hb.start()  # the task has ended: it starts again
         assert hb.connected
         await hb.stop()

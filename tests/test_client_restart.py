@@ -348,12 +348,18 @@ async def test_an_aggregator_told_to_stop_during_a_broker_outage_stops(
     """A stop while the broker is away (SIGTERM during an outage): the aggregator does not
     wait for the broker to come back to cancel a consumer that went with the connection."""
     [proc] = await aggregators(1, s=dataclasses.replace(settings, amqp_url=private_rabbit.url))
-    assert proc.aggregator._consumer_tag is not None
+    agg = proc.aggregator
+    assert agg._consumer_tag is not None
     await asyncio.to_thread(private_rabbit.stop_app)
     try:
-        await asyncio.sleep(0.5)  # the connection notices the broker is gone
+        await wait_until(lambda: agg._consume_channel.is_closed, 10, "the channel to go")
+        # as a Redis outage meanwhile stops consuming: no wait for the broker
+        await asyncio.wait_for(agg._stop_consuming(), 3)
+        assert agg._consumer_tag is None
+        agg._want_consumer = True  # as it was
         proc.stop_event.set()
         done, _ = await asyncio.wait({proc.task}, timeout=30)
         assert done, "the aggregator is still waiting for the broker"
+        assert proc.task.exception() is None
     finally:
         await asyncio.to_thread(private_rabbit.start_app)

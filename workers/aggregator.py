@@ -370,7 +370,7 @@ class Aggregator:
         that is not back by then (the broker away) has no consumer of ours either, and what
         we held goes back to the queue when the connection closes."""
         self._want_consumer = False
-        with contextlib.suppress(*AMQP_ERRORS, TimeoutError):
+        with contextlib.suppress(*AMQP_ERRORS):  # (TimeoutError is an OSError)
             await asyncio.wait_for(self._sync_consumer(), timeout_s)
 
     async def _sync_consumer(self) -> None:
@@ -383,6 +383,12 @@ class Aggregator:
         async with self._consume_lock:
             if not self._want_consumer and self._consumer_tag is None:
                 return  # nothing to cancel: no need for a channel (nor to wait for the broker)
+            if not self._want_consumer and self._consume_channel.is_closed:
+                # the channel went (the broker away): our consumer went with it, and what it
+                # held goes back to the queue; waiting for a new channel to cancel on could
+                # wait as long as the outage
+                self._consumer_tag = None
+                return
             channel = cast(aiormq.Channel, await self._consume_channel.get_underlay_channel())
             tag = self._consumer_tag
             ours = tag is not None and tag in channel.consumers
@@ -453,6 +459,8 @@ class Aggregator:
         self._resync_consumer("after a reconnect")
 
     def _take(self, message: Incoming) -> None:
+        if self._stopping.is_set():  # a consumer the stop could not cancel in time: left
+            return  # unacked, the delivery goes back to the queue when the connection closes
         self._buffer.append(message)
         self._wake.set()
 
