@@ -9,6 +9,7 @@ aiormq reads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import struct
 from collections.abc import Callable
@@ -50,38 +51,19 @@ _HEARTBEAT = (8, 0, pamqp.heartbeat.Heartbeat())
 _LET_CHANNEL_READ = (0, 0, pamqp.heartbeat.Heartbeat())
 
 
+@dataclasses.dataclass(slots=True, eq=False, repr=False)
 class Delivery:
     """A delivery handed out directly by :class:`BufferedFrameReceiver`: the attributes of
     aiormq's ``DeliveredMessage`` that a consumer of heartbeats reads (the content header's
     properties are not parsed)."""
 
-    __slots__ = (
-        "body",
-        "channel",
-        "consumer_tag",
-        "delivery_tag",
-        "exchange",
-        "redelivered",
-        "routing_key",
-    )
-
-    def __init__(
-        self,
-        channel: aiormq.abc.AbstractChannel,
-        consumer_tag: str,
-        delivery_tag: int,
-        redelivered: bool,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-    ) -> None:
-        self.channel = channel
-        self.consumer_tag = consumer_tag
-        self.delivery_tag = delivery_tag
-        self.redelivered = redelivered
-        self.exchange = exchange
-        self.routing_key = routing_key
-        self.body = body
+    channel: aiormq.abc.AbstractChannel
+    consumer_tag: str
+    delivery_tag: int
+    redelivered: bool
+    exchange: str
+    routing_key: str
+    body: bytes
 
     def __repr__(self) -> str:
         return (
@@ -258,34 +240,34 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
         """Where the body starts and where the content of the delivery whose header frame
         starts at ``at`` ends, if it is whole in the buffer as one header frame and at most
         one body frame of channel ``number``; None otherwise."""
-        buffer = self._buffer
-        if len(buffer) - at < 8:
+        end = self._frame_end(at, 2, number, _HEADER_MIN)
+        if end is None:
             return None
-        kind, channel, size = _FRAME.unpack_from(buffer, at)
-        end = at + 8 + size
-        if (
-            kind != 2
-            or channel != number
-            or size < _HEADER_MIN  # not a header pamqp would read: let it say why
-            or end > len(buffer)
-            or buffer[end - 1] != _FRAME_END
-        ):
-            return None
-        class_id, _, body_size = _CONTENT.unpack_from(buffer, at + 7)
+        class_id, _, body_size = _CONTENT.unpack_from(self._buffer, at + 7)
         if class_id != 60:
             return None
         if not body_size:
             return end, end
-        if len(buffer) - end < 8:
-            return None
-        kind, channel, size = _FRAME.unpack_from(buffer, end)
-        body_end = end + 8 + size
-        if (
-            kind != 3
-            or channel != number
-            or size != body_size
-            or body_end > len(buffer)
-            or buffer[body_end - 1] != _FRAME_END
-        ):
+        body_end = self._frame_end(end, 3, number, body_size)
+        if body_end is None or body_end - end - 8 != body_size:
             return None
         return end + 7, body_end
+
+    def _frame_end(self, at: int, kind: int, number: int, min_size: int) -> int | None:
+        """Where the frame at ``at`` ends, if it is whole in the buffer, of ``kind`` on
+        channel ``number``, with a payload of at least ``min_size`` bytes and its end byte;
+        None otherwise (short frames are left to pamqp, which says why)."""
+        buffer = self._buffer
+        if len(buffer) - at < 8:
+            return None
+        got_kind, channel, size = _FRAME.unpack_from(buffer, at)
+        end = at + 8 + size
+        if (
+            got_kind != kind
+            or channel != number
+            or size < min_size
+            or end > len(buffer)
+            or buffer[end - 1] != _FRAME_END
+        ):
+            return None
+        return end
