@@ -146,7 +146,7 @@ async def settle(settings: Settings, store: Store, expect: int, timeout_s: float
     while True:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{expect:,} instances did not settle within {timeout_s:.0f} s")
-        tracked = await store.redis.scard(store.names.instances_key)
+        tracked = await store.instance_count()
         if (
             tracked >= expect
             and await queue_depth(settings, queue) == 0

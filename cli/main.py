@@ -752,7 +752,7 @@ def show(ctx: click.Context, target: str, as_json: bool) -> None:
         "seq",
         "interval_ms",
         "ttl_ms",
-        "alive_key_ttl_ms",
+        "alive_for_ms",
     ):
         click.echo(f"{key:>17}: {row[key]}")
     click.echo(f"{'last heartbeat':>17}: {fmt_age(row['age_ms'])} ago")

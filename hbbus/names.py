@@ -6,6 +6,8 @@ slot of a Redis Cluster (DESIGN.md section 7).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 
 from hbbus.errors import ConfigError
@@ -83,13 +85,34 @@ class Names:
         """Prefix of every Redis key; the Lua scripts append the documented suffixes."""
         return "{" + self.namespace + "}:"
 
+    @staticmethod
+    @functools.lru_cache(maxsize=1 << 18)
+    def bucket(service: str, instance: str) -> str:
+        """The bucket of an instance: the first three hex digits of sha1("svc/inst")."""
+        return hashlib.sha1(f"{service}/{instance}".encode()).hexdigest()[:3]
+
+    def bucket_key(self, service: str, instance: str) -> str:
+        """Hash holding the instance's packed record (and about 1/4096 of the others')."""
+        return f"{self.key_prefix}r:{self.bucket(service, instance)}"
+
+    def deadline_key(self, service: str, instance: str) -> str:
+        """Sorted set of the deadlines of the instance's bucket."""
+        return f"{self.key_prefix}dl:{self.bucket(service, instance)}"
+
+    @property
+    def dlmin_key(self) -> str:
+        """Sorted set: bucket -> its earliest deadline (every non-empty bucket)."""
+        return f"{self.key_prefix}dlmin"
+
     def record_key(self, service: str, instance: str) -> str:
+        """The record hash of the earlier layout (moved into the buckets when first read)."""
         return f"{self.key_prefix}inst:{service}/{instance}"
 
     def meta_key(self, service: str, instance: str) -> str:
         return f"{self.key_prefix}meta:{service}/{instance}"
 
     def alive_key(self, service: str, instance: str) -> str:
+        """The alive key of the earlier layout."""
         return f"{self.key_prefix}alive:{service}/{instance}"
 
     def history_key(self, service: str, instance: str) -> str:
@@ -97,10 +120,12 @@ class Names:
 
     @property
     def instances_key(self) -> str:
+        """The set of the earlier layout's instances not moved into the buckets yet."""
         return f"{self.key_prefix}instances"
 
     @property
     def deadlines_key(self) -> str:
+        """The earlier layout's sorted set of every instance's deadline."""
         return f"{self.key_prefix}deadlines"
 
     @property

@@ -74,6 +74,15 @@ def record_row(record: dict[str, str], now_ms: int) -> dict[str, Any]:
     }
 
 
+def alive_for_ms(record: dict[str, str], now_ms: int) -> int | None:
+    """How long the instance stays alive without another heartbeat (its TTL's rest), or None
+    when it is not alive (dead, left, or alive by its state but past its TTL)."""
+    if record.get("state") not in ("alive", "suspect"):
+        return None
+    left = int(record.get("last", 0)) + int(record.get("ttl", 0)) - now_ms
+    return left if left > 0 else None
+
+
 async def status(
     settings: Settings, service: str | None = None, state: str | None = None
 ) -> list[dict[str, Any]]:
@@ -244,7 +253,7 @@ async def show(
         if record is None:
             raise NotFound(f"no instance {service}/{instance} in namespace {settings.namespace!r}")
         row = record_row(record, now_ms)
-        row["alive_key_ttl_ms"] = await store.redis.pttl(store.names.alive_key(service, instance))
+        row["alive_for_ms"] = alive_for_ms(record, now_ms)
         row["history"] = await store.history(service, instance, history)
     return row
 
@@ -330,6 +339,22 @@ class DoctorReport:
         self.checks.append(Check(name, ok, detail, warning))
 
 
+#: ``hash-max-listpack-value`` that keeps the buckets of packed records compact
+LISTPACK_VALUE = 1024
+
+
+def listpack_advice(value: int) -> tuple[bool, str]:
+    """Whether Redis keeps the buckets of packed records in the compact listpack encoding
+    (records are about 200 bytes with typical meta), and what to do if not."""
+    if value >= LISTPACK_VALUE:
+        return True, f"hash-max-listpack-value {value}: records are kept compact"
+    return False, (
+        f"hash-max-listpack-value is {value}: each tracked instance takes about 40 bytes "
+        f"more than it would with `CONFIG SET hash-max-listpack-value {LISTPACK_VALUE}` "
+        "(and the same in redis.conf)"
+    )
+
+
 async def _doctor_redis(settings: Settings, report: DoctorReport) -> None:
     try:
         async with open_store(settings) as store:
@@ -348,6 +373,13 @@ async def _doctor_redis(settings: Settings, report: DoctorReport) -> None:
                 "liveness uses Redis time only",
                 warning=True,
             )
+            try:
+                conf = await store.redis.config_get("hash-max-listpack-value")
+                value = int(conf["hash-max-listpack-value"] or "")
+            except (RedisError, KeyError, ValueError) as exc:  # CONFIG may be renamed away
+                report.add("redis memory", False, f"cannot read its settings ({exc})", True)
+            else:
+                report.add("redis memory", *listpack_advice(value), warning=True)
             obs = await store.observer()
             report.add(
                 "observer",

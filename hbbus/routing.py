@@ -32,7 +32,7 @@ from hbbus.errors import ConfigError, HbbusError, Unavailable
 from hbbus.names import Names
 from hbbus.runtime import cancel_and_wait
 from hbbus.settings import Settings, check_name
-from hbbus.store import connect_redis
+from hbbus.store import Store, connect_redis
 from hbbus.wire import Event, new_event
 
 log = logging.getLogger("hbbus.routing")
@@ -158,6 +158,7 @@ class RoutingTable:
             n.routes_state_key(service),
             n.promotion_key(service),
             n.routed_services_key,
+            n.bucket_key(service, instance),
             n.alive_key(service, instance),
         ]
         out: Any = await self._script(keys=keys, args=[op, service, instance, *args])
@@ -366,13 +367,8 @@ class Router:
             return table
         assert self._redis is not None
         instances = sorted(table.entries)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for instance in instances:
-                pipe.get(self.names.meta_key(self.service, instance))
-                # a record of the earlier layout, until its next heartbeat moves the meta
-                pipe.hget(self.names.record_key(self.service, instance), "meta")
-            replies = await pipe.execute()
-        metas = [new or old for new, old in zip(replies[::2], replies[1::2], strict=True)]
+        records = await Store(self._redis, self.names).records_of(self.service, instances)
+        metas = [record["meta"] if record else None for record in records]
         entries = dict(table.entries)
         for instance, raw in zip(instances, metas, strict=True):
             load = _load_of(raw)

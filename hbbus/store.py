@@ -1,25 +1,31 @@
-"""The Redis side: instance records, alive keys with TTL, the deadline index, the outbox and
-the transition log, all changed only by the Lua scripts in ``hbbus/lua``.
+"""The Redis side: instance records, the deadline index, the outbox and the transition log,
+all changed only by the Lua scripts in ``hbbus/lua``.
 
 Key layout (``P`` = ``{<ns>}:``, see :mod:`hbbus.names`):
 
-- ``P inst:<svc>/<inst>``  hash, the instance record
-- ``P meta:<svc>/<inst>``  string, the instance's latest meta (JSON; kept out of the record,
-  which then stays a compact listpack)
-- ``P alive:<svc>/<inst>`` string with a TTL; exists exactly while the instance is alive
-- ``P history:<svc>/<inst>`` string, the instance's last transitions, one line each (newest
-  first, see :func:`history_event`)
-- ``P instances``          set of known ``svc/inst``
-- ``P deadlines``          sorted set: ``svc/inst`` -> the time of its next transition (ms)
+- ``P r:<xyz>``            hash of the packed records of the instances whose ``svc/inst`` has
+  a SHA-1 starting with the hex digits ``xyz`` (4,096 buckets): field ``svc/inst``, value the
+  record's fields in the order :data:`RECORD_FIELDS`, joined by tabs, the meta (JSON) last.
+  Alive is a state: ``alive`` or ``suspect`` with ``last + ttl`` still ahead.
+- ``P history:<svc>/<inst>`` string, the instance's older transitions, one line each (newest
+  first, see :func:`history_event`); the newest is the record's ``hist``
+- ``P deadlines``          sorted set: ``svc/inst`` -> the time of its next transition (ms);
+  every record has one (a transition, or its purge), so it also lists every instance
 - ``P outbox``             sorted set of unpublished event ids, oldest first; with
   ``P outbox:body`` (id -> instance, routing key, JSON), ``P outbox:lease`` (id -> lease end)
   and ``P outbox:pending`` (instance -> number of its unpublished events)
 - ``P log``                capped stream of every transition (the history)
 - ``P stats``              hash of counters
+
+The earlier layout (a hash ``P inst:<svc>/<inst>``, ``P meta:``, ``P alive:`` keys, the set
+``P instances`` and one sorted set ``P deadlines``) is moved into the buckets a thousand records
+per script call (see ``migrate_one`` in hbbus/lua/common.lua); until then :meth:`Store.records`
+and :meth:`Store.record` read it where it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -96,6 +102,131 @@ class ClaimResult:
     upcoming_ms: int | None = None
 
 
+#: The fields of a packed record, in order (``RF`` in hbbus/lua/common.lua: keep them together).
+RECORD_FIELDS = (
+    "state",
+    "inc",
+    "seq",
+    "last",
+    "ttl",
+    "ivl",
+    "ord",
+    "first",
+    "since",
+    "zone",
+    "hist",
+    "meta",
+    "pinc",
+    "dttl",
+    "sus",
+    "status",
+    "pub",
+    "muted",
+    "held",
+    "flips",
+    "flapping",
+    "gn",
+    "gm",
+    "gv",
+    "gaps",
+)
+#: the fields up to the meta are always there; the empty ones after it are left out
+_CORE = RECORD_FIELDS.index("meta") + 1
+
+
+def decode_record(iid: str, packed: str) -> dict[str, str]:
+    """A packed record as its fields (the empty ones left out), with ``svc`` and ``inst``.
+    The inverse of ``rec_pack`` in hbbus/lua/common.lua: since is a distance back from last,
+    first a distance back from since, ord one on from since; the newest history line's
+    incarnation and ttl are "=" when they are the record's, its at_ms a distance back from
+    since; no dttl means the ttl, no status "ok". Without since, last is the base."""
+    values = packed.split("\t")
+    if not _CORE <= len(values) <= len(RECORD_FIELDS):
+        raise ValueError(f"unreadable record of {iid}: {len(values)} fields")
+    row = {name: value for name, value in zip(RECORD_FIELDS, values, strict=False) if value}
+    if "state" in row:
+        row["state"] = _WORD.get(row["state"], row["state"])
+    last = row.get("last")
+    if last is not None:
+        since = int(last)
+        if "since" in row:
+            since -= int(row["since"])
+            row["since"] = str(since)
+        if "first" in row:
+            row["first"] = str(since - int(row["first"]))
+        if "ord" in row:
+            row["ord"] = str(since + int(row["ord"]))
+        if "hist" in row:
+            row["hist"] = _newest_line(row["hist"], row.get("inc", ""), row.get("ttl", ""), since)
+    if "ttl" in row:
+        row.setdefault("dttl", row["ttl"])
+    row.setdefault("status", "ok")
+    row["svc"], _, row["inst"] = iid.partition("/")
+    row.setdefault("meta", "{}")
+    return row
+
+
+#: the state, and the newest history line's kind and previous state, as one letter each
+#: (CODE in hbbus/lua/common.lua)
+_CODE = {
+    "alive": "a",
+    "suspect": "s",
+    "dead": "d",
+    "left": "l",
+    "none": "n",
+    "joined": "j",
+    "recovered": "r",
+    "restarted": "R",
+    "flapping": "f",
+    "stable": "S",
+    "held": "h",
+    "maintenance": "m",
+}
+_WORD = {code: word for word, code in _CODE.items()}
+
+
+def _newest_line(line: str, inc: str, ttl: str, since: int, packing: bool = False) -> str:
+    """The record's newest history line packed (or unpacked): its kind and previous state as
+    letters, its incarnation and ttl "=" when they are the record's, its at_ms a distance back
+    from since. A line of the earlier layout (10 fields) stays as it is."""
+    fields = line.split(" ")
+    if len(fields) != 9:
+        return line
+    words = _CODE if packing else _WORD
+    fields[0], fields[1] = words.get(fields[0], fields[0]), words.get(fields[1], fields[1])
+    for k, own in ((2, inc), (7, ttl)):
+        if packing and fields[k] == own:
+            fields[k] = "="
+        elif not packing and fields[k] == "=":
+            fields[k] = own
+    fields[4] = str(since - int(fields[4]))
+    return " ".join(fields)
+
+
+def encode_record(row: dict[str, str]) -> str:
+    """A record's fields packed as the scripts keep them (the inverse of decode_record)."""
+    packed = {name: row.get(name, "") for name in RECORD_FIELDS}
+    packed["state"] = _CODE.get(packed["state"], packed["state"])
+    last = packed["last"]
+    if last:
+        since = int(packed["since"] or last)
+        if packed["since"]:
+            packed["since"] = str(int(last) - since)
+        if packed["first"]:
+            packed["first"] = str(since - int(packed["first"]))
+        if packed["ord"]:
+            packed["ord"] = str(int(packed["ord"]) - since)
+        packed["hist"] = _newest_line(packed["hist"], packed["inc"], packed["ttl"], since, True)
+    if packed["dttl"] == packed["ttl"]:
+        packed["dttl"] = ""
+    if packed["status"] == "ok":
+        packed["status"] = ""
+    values = list(packed.values())
+    while len(values) > _CORE and not values[-1]:
+        values.pop()
+    return "\t".join(values)
+
+
 def _events(flat: Sequence[Any]) -> list[OutEvent]:
     return [OutEvent(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
 
@@ -108,7 +239,16 @@ def zone_of(beat: Heartbeat) -> str:
 
 def history_event(service: str, instance: str, line: str) -> dict[str, Any]:
     """One line of an instance's history (common.lua, ``emit``) as its event's fields."""
-    evid, kind, prev, inc, seq, ord_, at, last, ttl, flags = line.split(" ")
+    fields = line.split(" ")
+    if len(fields) == 10:  # the earlier layout: the id first, ord and last_seen_ms whole
+        evid, kind, prev, inc, seq, ord_, at, last, ttl, flags = fields
+        ord_ms, at_ms, last_ms = int(ord_), int(at), int(last)
+    else:
+        kind, prev, inc, seq, at, d_ord, d_last, ttl, flags = fields
+        at_ms = int(at)
+        ord_ms, last_ms = at_ms + int(d_ord), at_ms - int(d_last)
+        evid = hashlib.sha1(f"{kind}|{service}/{instance}|{inc}|{ord_ms}".encode()).hexdigest()
+        evid = evid[:24]
     event: dict[str, Any] = {
         "v": WIRE_VERSION,
         "id": evid,
@@ -117,9 +257,9 @@ def history_event(service: str, instance: str, line: str) -> dict[str, Any]:
         "instance": instance,
         "incarnation": inc,
         "seq": int(seq),
-        "ord": int(ord_),
-        "at_ms": int(at),
-        "last_seen_ms": int(last),
+        "ord": ord_ms,
+        "at_ms": at_ms,
+        "last_seen_ms": last_ms,
         "ttl_ms": int(ttl),
         "prev": prev,
     }
@@ -134,12 +274,19 @@ def history_event(service: str, instance: str, line: str) -> dict[str, Any]:
 
 
 def ingest_arg(beat: Heartbeat, interval_ms: int, ttl_ms: int) -> bytes:
-    """One heartbeat as ingest.lua reads it: one argument, tab-separated, meta last."""
+    """One heartbeat as ingest.lua reads it: one argument, tab-separated, meta last; first
+    the instance's bucket (Redis would spend 2 µs of its time per heartbeat on the SHA-1)."""
     head = (
+        f"{Names.bucket(beat.service, beat.instance)}\t"
         f"{beat.service}\t{beat.instance}\t{beat.incarnation}\t{beat.seq}\t{interval_ms}\t"
         f"{ttl_ms}\t{beat.status}\t{zone_of(beat)}\t"
     )
     return head.encode() + orjson.dumps(beat.meta)
+
+
+def _old_row(row: dict[str, str], meta: str | None) -> dict[str, str]:
+    """A record of the earlier layout (a hash, and its meta in a key of its own)."""
+    return {**row, "meta": meta or row.get("meta") or "{}"}
 
 
 def connect_redis(settings: Settings, name: str = "hbbus") -> aioredis.Redis:
@@ -165,6 +312,7 @@ class Store:
         self._claim = redis.register_script(_script("claim.lua"))
         self._finalize = redis.register_script(_script("finalize.lua"))
         self._release = redis.register_script(_script("release.lua"))
+        self._forget = redis.register_script(_script("forget.lua"))
         self.epoch = ""  # the store epoch this client saw last (see ingest.lua)
         c = self.config
         self._keys = [
@@ -339,9 +487,14 @@ class Store:
             if r.get("muted") == "1" and target in (r["svc"], f"{r['svc']}/{r['inst']}")
         ]
         if quiet:
-            await self.redis.zadd(
-                self.names.deadlines_key, {f"{r['svc']}/{r['inst']}": now_ms for r in quiet}
-            )
+            n = self.names
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for r in quiet:
+                    pipe.zadd(
+                        n.deadline_key(r["svc"], r["inst"]), {f"{r['svc']}/{r['inst']}": now_ms}
+                    )
+                    pipe.zadd(n.dlmin_key, {n.bucket(r["svc"], r["inst"]): now_ms}, lt=True)
+                await pipe.execute()
         return ended
 
     async def maintenance(self) -> list[dict[str, Any]]:
@@ -386,32 +539,87 @@ class Store:
 
     async def records(self) -> list[dict[str, str]]:
         """Every known instance record, sorted by service and instance."""
-        ids: list[str] = sorted(await self.redis.smembers(self.names.instances_key))  # type: ignore[arg-type]
+        n = self.names
+        # Records of the earlier layout first, then the buckets: one moved meanwhile is then
+        # read in its bucket (and wins there), not lost between the two reads.
+        old: set[str] = await self.redis.smembers(n.instances_key)  # type: ignore[assignment]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for iid in ids:
-                pipe.hgetall(self.names.key_prefix + "inst:" + iid)
-                pipe.get(self.names.key_prefix + "meta:" + iid)
+            for iid in old:
+                pipe.hgetall(n.key_prefix + "inst:" + iid)
+                pipe.get(n.key_prefix + "meta:" + iid)
             replies = await pipe.execute()
-        return [
-            {**row, "meta": meta or row.get("meta") or "{}"}
+        rows = {
+            f"{row['svc']}/{row['inst']}": _old_row(row, meta)
             for row, meta in zip(replies[::2], replies[1::2], strict=True)
             if row
-        ]
+        }
+        buckets: list[str] = await self.redis.zrange(n.dlmin_key, 0, -1)  # type: ignore[assignment]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for bucket in buckets:  # every bucket with a record (each has a deadline)
+                pipe.hgetall(n.key_prefix + "r:" + bucket)
+            packed_buckets = await pipe.execute()
+        for packed in packed_buckets:
+            rows.update({iid: decode_record(iid, value) for iid, value in packed.items()})
+        return sorted(rows.values(), key=lambda row: (row["svc"], row["inst"]))
 
     async def record(self, service: str, instance: str) -> dict[str, str] | None:
         """The instance's record, with its meta (JSON) as ``meta``."""
+        return (await self.records_of(service, [instance]))[0]
+
+    async def records_of(
+        self, service: str, instances: Sequence[str]
+    ) -> list[dict[str, str] | None]:
+        """The records of these instances of ``service`` (None for an unknown one), in one
+        round trip."""
+        n = self.names
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.names.record_key(service, instance))
-            pipe.get(self.names.meta_key(service, instance))
-            row, meta = await pipe.execute()
-        return {**row, "meta": meta or row.get("meta") or "{}"} if row else None
+            for instance in instances:
+                pipe.hget(n.bucket_key(service, instance), f"{service}/{instance}")
+                pipe.hgetall(n.record_key(service, instance))
+                pipe.get(n.meta_key(service, instance))
+            replies = await pipe.execute()
+        out: list[dict[str, str] | None] = []
+        for k, instance in enumerate(instances):
+            packed, row, meta = replies[3 * k : 3 * k + 3]
+            if packed is not None:
+                out.append(decode_record(f"{service}/{instance}", packed))
+            else:
+                out.append(_old_row(row, meta) if row else None)
+        return out
 
     async def history(self, service: str, instance: str, count: int = 20) -> list[dict[str, Any]]:
         """The instance's latest transitions, newest first: each as its event was published,
         without the meta (the log keeps whole events; the history keeps one line each)."""
-        raw: str | None = await self.redis.get(self.names.history_key(service, instance))  # type: ignore[assignment]
-        lines = raw.split("\n")[:count] if raw else []
-        return [history_event(service, instance, line) for line in lines]
+        n = self.names
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(n.bucket_key(service, instance), f"{service}/{instance}")
+            pipe.get(n.history_key(service, instance))
+            packed, older = await pipe.execute()
+        lines = older.split("\n") if older else []
+        if packed is not None:  # (else the earlier layout: every line in the history key)
+            newest = decode_record(f"{service}/{instance}", packed).get("hist")
+            lines = [newest, *lines] if newest else []
+        return [history_event(service, instance, line) for line in lines[:count]]
+
+    async def deadline(self, service: str, instance: str) -> int | None:
+        """When the instance's next transition (or its purge) is due, ms."""
+        iid, n = f"{service}/{instance}", self.names
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zscore(n.deadline_key(service, instance), iid)
+            pipe.zscore(n.deadlines_key, iid)  # a record of the earlier layout, not moved yet
+            at, old = await pipe.execute()
+        at = at if at is not None else old
+        return None if at is None else int(at)
+
+    async def instance_count(self) -> int:
+        """How many instances the namespace tracks (one deadline each)."""
+        n = self.names
+        buckets: list[str] = await self.redis.zrange(n.dlmin_key, 0, -1)  # type: ignore[assignment]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for bucket in buckets:
+                pipe.zcard(n.key_prefix + "dl:" + bucket)
+            pipe.scard(n.instances_key)  # records of the earlier layout, not moved yet
+            return sum(await pipe.execute())
 
     async def recent_events(self, count: int = 50) -> list[dict[str, Any]]:
         """The latest transitions of the whole namespace, oldest first."""
@@ -423,27 +631,8 @@ class Store:
 
     async def forget(self, service: str, instance: str) -> bool:
         """Remove every trace of one instance. Returns whether it was known."""
-        iid = f"{service}/{instance}"
-        n = self.names
-        fields: list[str | None] = await self.redis.hmget(  # type: ignore[assignment]
-            n.record_key(service, instance), "zone", "held"
-        )
-        zone, held = fields
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(n.record_key(service, instance), n.meta_key(service, instance))
-            pipe.delete(n.alive_key(service, instance), n.history_key(service, instance))
-            pipe.delete(f"{n.key_prefix}hist:{iid}")  # the history list of the earlier layout
-            pipe.zrem(n.deadlines_key, iid)
-            pipe.zrem(n.flapcheck_key, iid)
-            pipe.srem(n.instances_key, iid)
-            pipe.zrem(n.notalive_key, iid)
-            pipe.srem(n.service_members_key(service), iid)
-            if zone:
-                pipe.srem(f"{n.key_prefix}zone:{zone}", iid)
-            if held:
-                pipe.zrem(n.held_key(held), iid)
-            existed, *_ = await pipe.execute()
-        return bool(existed)
+        args = [*self._common, f"{service}/{instance}"]
+        return bool(await self._forget(keys=self._keys, args=args))
 
     async def drop_namespace(self) -> int:
         """Delete every key of this namespace (tests and the demo clean up with it)."""

@@ -18,7 +18,7 @@ from hbbus.amqp import connect, declare_events
 from hbbus.client import Heartbeater
 from hbbus.names import Names
 from hbbus.settings import Settings
-from hbbus.store import Store
+from hbbus.store import Store, decode_record, encode_record
 
 
 async def wait_until(
@@ -100,6 +100,15 @@ class EventSink:
             timeout_s,
             f"{count} {kind} event(s) for {instance or 'any instance'}",
         )
+
+
+async def set_record_fields(store: Store, service: str, instance: str, **fields: str) -> None:
+    """Change fields of a packed record in place, as a script of the store would."""
+    key, iid = store.names.bucket_key(service, instance), f"{service}/{instance}"
+    packed: str = await store.redis.hget(key, iid)  # type: ignore[assignment]
+    row = decode_record(iid, packed)
+    row.update(fields)
+    await store.redis.hset(key, iid, encode_record(row))
 
 
 async def drop_namespace(settings: Settings, extra_queues: list[str] | None = None) -> None:

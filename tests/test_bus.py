@@ -97,7 +97,6 @@ async def test_an_event_held_back_goes_out_once_the_one_before_is_confirmed(
 
     publisher._one = gated
     store = Store.from_settings(settings)
-    record = store.names.record_key("held", "h-1")
     connection = await connect(settings, "test-held-back", robust=False)
     try:
         async with connection:
@@ -106,7 +105,8 @@ async def test_an_event_held_back_goes_out_once_the_one_before_is_confirmed(
             for incarnation in ("inc-1", "inc-2"):  # joined, then restarted
 
                 async def applied(incarnation: str = incarnation) -> bool:
-                    return await store.redis.hget(record, "inc") == incarnation
+                    record = await store.record("held", "h-1")
+                    return record is not None and record["inc"] == incarnation
 
                 beat = Heartbeat("held", "h-1", incarnation, 1, 20_000, 3, 0, "ok", {})
                 await exchange.publish(aio_pika.Message(beat.encode()), beat.routing_key)

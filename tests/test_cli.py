@@ -84,7 +84,7 @@ def test_status_show_events_forget(settings):
     shown = invoke(settings, "show", "db/db-1")
     assert shown.exit_code == 0 and "joined" in shown.output and "primary" in shown.output
     doc = orjson.loads(invoke(settings, "show", "--json", "db/db-1").output)
-    assert doc["history"][0]["kind"] == "joined" and doc["alive_key_ttl_ms"] > 0
+    assert doc["history"][0]["kind"] == "joined" and doc["alive_for_ms"] > 0
 
     assert [e["instance"] for e in events_of(settings)] == ["api-1", "api-2", "db-1"]
     only_db = invoke(settings, "events", "--json", "joined.db.*")
@@ -279,6 +279,7 @@ def test_doctor_healthy_and_unhealthy(settings, aggregator_process):
     result = invoke(settings, "doctor")
     assert result.exit_code == 0, result.output
     assert "[ok  ] aggregators: 1 consuming" in result.output
+    assert "] redis memory: hash-max-listpack-value " in result.output
     aggregator_process.send_signal(signal.SIGTERM)
     aggregator_process.communicate(timeout=20)
     result = invoke(settings, "doctor")

@@ -18,9 +18,9 @@ from hbbus.client import new_incarnation
 from hbbus.errors import ConfigError, InvalidMessage
 from hbbus.failover import RetryPolicy
 from hbbus.names import Names, split_instance_id
-from hbbus.ops import topic_match
+from hbbus.ops import listpack_advice, topic_match
 from hbbus.settings import NAME_RE, Settings, redact
-from hbbus.store import ClaimResult, OutEvent
+from hbbus.store import ClaimResult, OutEvent, decode_record, encode_record
 from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_event, decode_heartbeat
 from hbbus.workers.aggregator import SENDING_BATCHES, Aggregator, AggregatorConfig, coalesce
 from tests.helpers import wait_until
@@ -182,6 +182,7 @@ def test_names_carry_the_namespace():
     assert all(x.startswith("ns1.") for x in every)
     keys = [
         n.record_key("a", "b"),
+        n.bucket_key("a", "b"),
         n.alive_key("a", "b"),
         n.deadlines_key,
         n.outbox_key,
@@ -418,3 +419,52 @@ async def test_a_batch_is_acked_before_its_events_are_confirmed():
     assert channel.acked == [7] and len(agg._sending) == 1 and agg.counts["events"] == 0
     publisher.gate.set()
     await wait_until(lambda: agg.counts["events"] == 1, 5, "the event to be published")
+
+
+_names = st.from_regex(r"[A-Za-z0-9_-]{1,12}", fullmatch=True)
+_ms = st.integers(0, 2**45)
+
+
+@given(
+    last=_ms,
+    first=_ms,
+    since=_ms,
+    ord_=_ms,
+    inc=_names,
+    hist_inc=_names,
+    at=_ms,
+    ttl=st.integers(1, 10**6),
+    dttl=st.integers(1, 10**6),
+    status=st.sampled_from(["ok", "draining", "left"]),
+    meta=st.dictionaries(_names, st.text(max_size=8), max_size=3),
+    same_inc=st.booleans(),
+    hist_ttl=st.one_of(st.none(), st.integers(1, 10**6)),
+)
+def test_a_packed_record_comes_back_whole(
+    last, first, since, ord_, inc, hist_inc, at, ttl, dttl, status, meta, same_inc, hist_ttl
+):
+    """encode_record and decode_record (rec_pack and rec_unpack in common.lua) are inverses:
+    whatever they leave out or keep as a distance comes back as it was."""
+    row = {
+        "state": "alive",
+        "inc": inc,
+        "seq": "3",
+        "ord": str(ord_),
+        "last": str(last),
+        "ttl": str(ttl),
+        "dttl": str(dttl),
+        "status": status,
+        "first": str(first),
+        "since": str(since),
+        "hist": f"joined none {inc if same_inc else hist_inc} 1 {at} 2 0 {hist_ttl or ttl} -",
+        "meta": orjson.dumps(meta).decode(),
+        "svc": "svc",
+        "inst": "a",
+    }
+    assert decode_record("svc/a", encode_record(row)) == row
+
+
+def test_doctor_advises_the_listpack_setting_that_keeps_records_compact():
+    ok, text = listpack_advice(64)
+    assert not ok and "CONFIG SET hash-max-listpack-value 1024" in text
+    assert listpack_advice(1024)[0] and listpack_advice(4096)[0]

@@ -105,37 +105,63 @@ elseif lag <= DEGRADED_AFTER / 2 and obs[1] == 'degraded' then  -- hysteresis: n
 end
 
 -- due deadlines, up to the watermark ---------------------------------------------------------
-local function purge(id)
-  local f = redis.call('HMGET', P .. 'inst:' .. id, 'svc', 'zone', 'held')
-  if f[1] then redis.call('SREM', P .. 'svc:' .. f[1], id) end
-  if f[2] and f[2] ~= '' then redis.call('SREM', P .. 'zone:' .. f[2], id) end
-  if f[3] and f[3] ~= '' then redis.call('ZREM', P .. 'held:' .. f[3], id) end
-  -- (hist: is the history list of the layout before history:)
-  redis.call('DEL', P .. 'inst:' .. id, P .. 'meta:' .. id, P .. 'history:' .. id,
-    P .. 'hist:' .. id, P .. 'alive:' .. id)
-  redis.call('ZREM', K_DEADLINES, id)
-  redis.call('ZREM', K_FLAPCHECK, id)
-  redis.call('SREM', K_INSTANCES, id)
-  redis.call('ZREM', K_NOTALIVE, id)
+-- The mass-expiry guard ----------------------------------------------------------------------
+-- The candidates to be failing in each scope, found once per step: the suspects and recent
+-- deaths (K_NOTALIVE) and the overdue deadlines, grouped by service and zone. (Each scope a
+-- step counts then costs its own candidates, not every overdue instance anywhere again.)
+local by_scope
+
+local function candidates(scope)
+  if not by_scope then
+    by_scope = {}
+    local seen = {}
+    local function add(m)
+      if seen[m] then return end
+      seen[m] = true
+      local r = rec_get(m)
+      if not r then return end
+      for _, sc in ipairs({'service:' .. r.svc, r.zone and 'zone:' .. r.zone or nil}) do
+        local list = by_scope[sc]
+        if not list then
+          list = {}
+          by_scope[sc] = list
+        end
+        list[#list + 1] = m
+      end
+    end
+    for _, m in ipairs(redis.call('ZRANGE', K_NOTALIVE, '(' .. (NOW - MASS_WINDOW), '+inf',
+        'BYSCORE')) do
+      add(m)
+    end
+    for _, m in ipairs(dl_due(NOW, 1000000000)) do add(m) end
+  end
+  return by_scope[scope] or {}
 end
 
--- The mass-expiry guard ----------------------------------------------------------------------
+-- A scope's instances that count (alive, suspect, or dead within the window) and those of
+-- them failing (suspect, recently dead, or alive but overdue: after a long hold, a whole burst
+-- can become due in one step; overdue is what the deadline index says, the same index the
+-- bound in cannot_trip counts). The first number is K_SCOPES' count (alive or suspect) plus the
+-- recent deaths; the failing ones are found among the candidates above and the dying one.
 local function failing_in(scope, dying)
-  local total, failing, names = 0, 0, {}
-  for _, m in ipairs(redis.call('SMEMBERS', members_key(scope))) do
-    local f = redis.call('HMGET', P .. 'inst:' .. m, 'state', 'since')
-    local recent = f[1] == 'dead' and tonumber(f[2]) > NOW - MASS_WINDOW
-    if f[1] == 'alive' or f[1] == 'suspect' or recent then
-      total = total + 1
-      -- overdue counts as failing even before the reaper got to it (after a long hold, a
-      -- whole burst can become due in one step). Overdue is what the deadline index says
-      -- (an instance in grace after an observer outage is not), the same index the bound in
-      -- cannot_trip counts.
-      local due = f[1] == 'alive' and redis.call('ZSCORE', K_DEADLINES, m)
-      local overdue = due and tonumber(due) <= NOW
-      if f[1] ~= 'alive' or overdue or m == dying then
-        failing = failing + 1
-        names[#names + 1] = m
+  local colon = string.find(scope, ':', 1, true)
+  local by_zone, name = string.sub(scope, 1, colon - 1) == 'zone', string.sub(scope, colon + 1)
+  local total = tonumber(redis.call('HGET', K_SCOPES, scope) or 0)
+  local failing, names, seen = 0, {}, {}
+  local list = {dying}
+  for _, m in ipairs(candidates(scope)) do list[#list + 1] = m end
+  for _, m in ipairs(list) do
+    if not seen[m] then
+      seen[m] = true
+      local r = rec_get(m)
+      if r and (by_zone and r.zone == name or not by_zone and r.svc == name) then
+        local recent = r.state == 'dead' and tonumber(r.since) > NOW - MASS_WINDOW
+        if recent then total = total + 1 end
+        local overdue = r.state == 'alive' and (m == dying or dl_score(m) <= NOW)
+        if recent or r.state == 'suspect' or overdue then
+          failing = failing + 1
+          names[#names + 1] = m
+        end
       end
     end
   end
@@ -173,19 +199,29 @@ local untripped = {}
 -- least its members less every old death and departure anywhere. Only a scope for which
 -- these bounds leave the question open is counted member by member (a small service, or a
 -- real wave), so a death in a 100k-instance service costs a few ZCOUNTs, not 100k reads.
+-- The set of a scope's members of the earlier layout not moved yet (see migrate_one).
+local function old_members(scope)
+  if string.sub(scope, 1, 8) == 'service:' then return P .. 'svc:' .. string.sub(scope, 9) end
+  return P .. scope
+end
+
 local function cannot_trip(scope)
   if not notalive_complete then return false end
   local failing = redis.call('ZCOUNT', K_NOTALIVE, '(' .. (NOW - MASS_WINDOW), '+inf')
-    + redis.call('ZCOUNT', K_DEADLINES, '-inf', NOW) + 1
+    + dl_count_upto(NOW) + 1
   if failing < MASS_MIN then return true end
-  local total = redis.call('SCARD', members_key(scope))
-    - redis.call('ZCOUNT', K_NOTALIVE, '-inf', NOW - MASS_WINDOW)
+  local total = tonumber(redis.call('HGET', K_SCOPES, scope) or 0)
+  if OLD then  -- and at least those not moved yet, less every old death and departure
+    total = total + redis.call('SCARD', old_members(scope))
+      - redis.call('ZCOUNT', K_NOTALIVE, '-inf', NOW - MASS_WINDOW)
+  end
   return failing <= MASS_SHARE * total
 end
 
 local function guard(id, svc, zone)
   local scopes = {'service:' .. svc}
   if zone and zone ~= '' then scopes[2] = 'zone:' .. zone end
+  rec_flush()  -- K_SCOPES counts the deaths judged earlier in this step as such
   for _, scope in ipairs(scopes) do
     if redis.call('HEXISTS', K_GUARD, scope) == 1 then return scope end
   end
@@ -194,6 +230,10 @@ local function guard(id, svc, zone)
       untripped[scope] = true
     end
     if not untripped[scope] then
+      if OLD then  -- its records of the earlier layout, moved now, count in K_SCOPES
+        for _, m in ipairs(redis.call('SMEMBERS', old_members(scope))) do rec_get(m) end
+        rec_flush()
+      end
       local total, failing, names = failing_in(scope, id)
       if failing >= MASS_MIN and failing > MASS_SHARE * total then
         trip(scope, total, failing, names)
@@ -239,34 +279,33 @@ end
 local function settle_flapping()
   for _, id in ipairs(redis.call('ZRANGE', K_FLAPCHECK, '-inf', NOW, 'BYSCORE', 'LIMIT', 0, 100)) do
     redis.call('ZREM', K_FLAPCHECK, id)
-    local rkey = P .. 'inst:' .. id
-    local r = redis.call('HMGET', rkey, 'state', 'last', 'ttl', 'since', 'svc', 'inst', 'inc',
-      'seq', 'ord', 'flapping', 'pub')
+    local r = rec_hmget(id, 'state', 'last', 'ttl', 'since', 'svc', 'inst', 'inc', 'seq', 'ord',
+      'flapping', 'pub')
     if r[1] and r[10] == '1' then
-      redis.call('HSET', rkey, 'flapping', '', 'flips', '')
+      rec_set(id, 'flapping', '', 'flips', '')
       local rec = record_of(id, r)
       emit(id, 'stable', 'flapping', rec, false)
       local now_state = r[1] == 'dead' and 'dead' or 'alive'
       if r[1] ~= 'left' and now_state ~= (r[11] or 'alive') then
         emit(id, now_state == 'dead' and 'dead' or 'recovered', 'flapping', rec, false)
       end
-      redis.call('HSET', rkey, 'ord', rec.ord)
+      rec_set(id, 'ord', rec.ord)
     end
   end
 end
 
-local function judge(id, rkey, r, horizon)
+local function judge(id, r, horizon)
   local state, last, ttl = r[1], tonumber(r[2]), tonumber(r[3])
   if last < recovered_at then  -- not heard since the observer recovered: grace first
     local grace_end = recovered_at + math.max(ttl, GRACE)
     if grace_end > horizon then
-      redis.call('ZADD', K_DEADLINES, grace_end, id)
+      dl_add(id, grace_end)
       return
     end
   end
   local due = next_due(state, last, r[10], ttl, r[14])
   if due > horizon then
-    redis.call('ZADD', K_DEADLINES, due, id)
+    dl_add(id, due)
     return
   end
   local rec = record_of(id, r)
@@ -276,34 +315,32 @@ local function judge(id, rkey, r, horizon)
     local held = nil
     if not muted then held = guard(id, rec.svc, r[12]) end
     emit(id, 'dead', state, rec, muted or held ~= nil, held)
-    redis.call('HSET', rkey, 'state', 'dead', 'since', NOW, 'ord', rec.ord,
+    rec_set(id, 'state', 'dead', 'since', NOW, 'ord', rec.ord,
       'muted', (muted or held) and '1' or '0', 'held', held or '')
     redis.call('ZADD', K_NOTALIVE, NOW, id)
-    redis.call('DEL', P .. 'alive:' .. id)
     if held then redis.call('ZADD', P .. 'held:' .. held, NOW, id) end
     -- muted: look again when the window ends, and announce the death then if it still holds
-    redis.call('ZADD', K_DEADLINES, muted and window_end or NOW + RETENTION, id)
+    dl_add(id, muted and window_end or NOW + RETENTION)
   else
     emit(id, 'suspect', state, rec, muted)
-    redis.call('HSET', rkey, 'state', 'suspect', 'since', NOW, 'ord', rec.ord,
-      'muted', muted and '1' or '0')
+    rec_set(id, 'state', 'suspect', 'since', NOW, 'ord', rec.ord, 'muted', muted and '1' or '0')
     redis.call('ZADD', K_NOTALIVE, NOTALIVE_SUSPECT, id)
-    redis.call('ZADD', K_DEADLINES, last + ttl, id)
+    dl_add(id, last + ttl)
   end
 end
 
 -- A death kept quiet by maintenance: announce it once the window is over.
-local function unmute(id, rkey, r)
+local function unmute(id, r)
   local window_end = maintenance_until(r[5], r[6])
   if window_end > 0 then
-    redis.call('ZADD', K_DEADLINES, window_end, id)
+    dl_add(id, window_end)
     return
   end
   local rec = record_of(id, r)
   emit(id, 'dead', 'maintenance', rec, false)
-  redis.call('HSET', rkey, 'since', NOW, 'ord', rec.ord, 'muted', '0')
+  rec_set(id, 'since', NOW, 'ord', rec.ord, 'muted', '0')
   redis.call('ZADD', K_NOTALIVE, NOW, id)
-  redis.call('ZADD', K_DEADLINES, NOW + RETENTION, id)
+  dl_add(id, NOW + RETENTION)
 end
 
 settle_flapping()
@@ -313,22 +350,21 @@ if wm and wm < horizon then horizon = wm end
 if not wm then horizon = -1 end  -- nobody has caught up: judge nobody
 local due = {}
 if horizon >= 0 then
-  due = redis.call('ZRANGE', K_DEADLINES, '-inf', horizon, 'BYSCORE', 'LIMIT', 0, limit)
+  due = dl_due(horizon, limit)
 end
 for _, id in ipairs(due) do
-  local rkey = P .. 'inst:' .. id
-  local r = redis.call('HMGET', rkey, 'state', 'last', 'ttl', 'since', 'svc', 'inst', 'inc',
-    'seq', 'ord', 'ivl', 'muted', 'zone', 'held', 'sus')
+  local r = rec_hmget(id, 'state', 'last', 'ttl', 'since', 'svc', 'inst', 'inc', 'seq', 'ord',
+    'ivl', 'muted', 'zone', 'held', 'sus')
   if not r[1] then
     purge(id)
   elseif r[1] == 'alive' or r[1] == 'suspect' then
-    judge(id, rkey, r, horizon)
+    judge(id, r, horizon)
   elseif r[1] == 'dead' and r[11] == '1' and (r[13] or '') == '' then
-    unmute(id, rkey, r)
+    unmute(id, r)
   else
     local purge_at = tonumber(r[4]) + RETENTION
     if purge_at > NOW then
-      redis.call('ZADD', K_DEADLINES, purge_at, id)
+      dl_add(id, purge_at)
     else
       purge(id)
     end
@@ -336,12 +372,32 @@ for _, id in ipairs(due) do
 end
 
 local nxt, upcoming = -1, -1
-local d = redis.call('ZRANGE', K_DEADLINES, 0, 0, 'WITHSCORES')
+rec_flush()
+dl_exact_head()
+local d = redis.call('ZRANGE', K_DLMIN, 0, 0, 'WITHSCORES')
 if d[2] then nxt = tonumber(d[2]) end
+local old_next = OLD and redis.call('ZRANGE', K_DEADLINES, 0, 0, 'WITHSCORES') or {}
+if old_next[2] and (nxt == -1 or tonumber(old_next[2]) < nxt) then nxt = tonumber(old_next[2]) end
 if nxt ~= -1 and nxt <= NOW then  -- past, waiting for the watermark: and the next one to come?
-  d = redis.call('ZRANGE', K_DEADLINES, '(' .. NOW, '+inf', 'BYSCORE', 'LIMIT', 0, 1,
-    'WITHSCORES')
+  -- the first of the buckets not due yet, and the first deadline after now of those that are
+  -- (past 256 of them, an early probe does no harm: now + 1)
+  d = redis.call('ZRANGE', K_DLMIN, '(' .. NOW, '+inf', 'BYSCORE', 'LIMIT', 0, 1, 'WITHSCORES')
   if d[2] then upcoming = tonumber(d[2]) end
+  if OLD then
+    d = redis.call('ZRANGE', K_DEADLINES, '(' .. NOW, '+inf', 'BYSCORE', 'LIMIT', 0, 1,
+      'WITHSCORES')
+    if d[2] and (upcoming == -1 or tonumber(d[2]) < upcoming) then upcoming = tonumber(d[2]) end
+  end
+  local past = redis.call('ZRANGE', K_DLMIN, '-inf', NOW, 'BYSCORE', 'LIMIT', 0, 257)
+  if #past > 256 then
+    upcoming = NOW + 1
+  else
+    for _, b in ipairs(past) do
+      d = redis.call('ZRANGE', P .. 'dl:' .. b, '(' .. NOW, '+inf', 'BYSCORE', 'LIMIT', 0, 1,
+        'WITHSCORES')
+      if d[2] and (upcoming == -1 or tonumber(d[2]) < upcoming) then upcoming = tonumber(d[2]) end
+    end
+  end
 end
 table.insert(out, 1, upcoming)
 table.insert(out, 1, nxt)

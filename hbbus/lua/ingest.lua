@@ -1,7 +1,7 @@
 -- Apply one batch of heartbeats. ARGV[S] aggregator id ('': not an aggregator), ARGV[S + 1]
 -- newest probe stamp in the batch (0: none), ARGV[S + 2] = n, then one value per heartbeat:
--- service, instance, incarnation, seq, interval_ms, ttl_ms, status, zone ('' if none) and
--- meta (JSON), joined by tabs (one argument per heartbeat: packing ten per heartbeat cost the
+-- bucket (see bucket_of), service, instance, incarnation, seq, interval_ms, ttl_ms, status,
+-- zone ('' if none) and meta (JSON), joined by tabs (one argument per heartbeat: packing ten per heartbeat cost the
 -- client more than the script costs Redis). Names, numbers and the status never hold a tab,
 -- and meta, which comes last, is compact JSON that escapes control characters anyway.
 -- A seq not above the stored one of the same incarnation is stale and ignored; a heartbeat of
@@ -110,8 +110,7 @@ end
 local READ = {'state', 'inc', 'seq', 'pinc', 'ord', 'muted', 'held', 'zone', 'last', 'gn', 'gm',
   'gv', 'gaps', 'ivl', 'dttl', 'ttl', 'sus', 'status', 'meta'}
 
--- Only what changed is written: a steady heartbeat of a known instance writes seq and last
--- (plus its alive key and deadline), not the whole record.
+-- The fields that change: a steady heartbeat of a known instance changes seq and last.
 local function changes(cur, first, svc, inst, inc, seq, ivl, dttl, st, newstate, zone)
   local fields = {'seq', seq, 'last', NOW}
   local function put(name, value, old)
@@ -121,10 +120,8 @@ local function changes(cur, first, svc, inst, inc, seq, ivl, dttl, st, newstate,
     end
   end
   if first then
-    for _, kv in ipairs({{'svc', svc}, {'inst', inst}, {'first', NOW}}) do
-      fields[#fields + 1] = kv[1]
-      fields[#fields + 1] = kv[2]
-    end
+    fields[#fields + 1] = 'first'
+    fields[#fields + 1] = NOW
   end
   put('inc', inc, cur[2])
   put('ivl', ivl, cur[14])
@@ -137,85 +134,100 @@ local function changes(cur, first, svc, inst, inc, seq, ivl, dttl, st, newstate,
   return fields
 end
 
-local FIELDS = '^' .. string.rep('([^\t]*)\t', 8) .. '(.*)$'
+local FIELDS = '^' .. string.rep('([^\t]*)\t', 9) .. '(.*)$'
+
+-- A steady heartbeat: an instance alive, of the same incarnation, with a newer seq and
+-- nothing else changed (interval, ttl, status ok, zone, meta), no adaptive detector, and a
+-- record with no field after its meta (none muted, held, restarted or published dead). Only
+-- its seq, last and since (kept as a distance from last) change: the packed record is
+-- rewritten in place, neither unpacked nor counted again ('a': alive, see CODE). Anything else takes the general
+-- path, which makes the same record (tests/test_store.py checks both).
+local function steady(id, svc, inc, seq, ivl, ttl, st, zone, meta)
+  if st ~= 'ok' or recs[id] ~= nil or detector(svc) then return false end
+  local key = bucket_of(id)
+  local raw = redis.call('HGET', key, id)
+  if not raw then return false end
+  local state, cinc, cseq, last, cttl, civl, ord, first, since, czone, hist, cmeta =
+    string.match(raw, RPAT)
+  if state ~= 'a' or cinc ~= inc or cttl ~= ttl or civl ~= ivl or czone ~= zone
+      or cmeta ~= meta then
+    return false
+  end
+  if seq ~= '0' and tonumber(seq) <= tonumber(cseq) then return false end  -- stale: counted there
+  if since ~= '' then since = tonumber(since) + NOW - tonumber(last) end
+  redis.call('HSET', key, id,
+    table.concat({state, inc, seq, NOW, ttl, ivl, ord, first, since, zone, hist, meta}, '\t'))
+  dl_add(id, next_due('alive', NOW, ivl, ttl, ''))
+  return true
+end
 
 for i = 0, n - 1 do
-  local svc, inst, inc, seq, ivl, ttl, st, zone, meta = string.match(ARGV[B + i], FIELDS)
+  local b, svc, inst, inc, seq, ivl, ttl, st, zone, meta = string.match(ARGV[B + i], FIELDS)
   local id = svc .. '/' .. inst
-  local rkey = P .. 'inst:' .. id
-  local cur = redis.call('HMGET', rkey, unpack(READ))
-  local state = cur[1]
-  local accept, kind, newinc = verdict(state, cur[2], cur[3], cur[4], inc, seq, st)
-  if not accept then
-    stale = stale + 1
-  else
-    local newstate = 'alive'
-    if st == 'left' then
-      newstate = 'left'
-      if state ~= 'left' or newinc then kind = 'left' else kind = false end
-    end
-    local dttl = ttl
-    local sus = ''
-    local det = detector(svc)
-    local fields = changes(cur, not state, svc, inst, inc, seq, ivl, dttl, st, newstate, zone)
-    if det then
-      local continued = (state == 'alive' or state == 'suspect') and not newinc
-      ttl, sus = adapt(fields, det, cur, continued, dttl, ivl)
-    end
-    if tostring(ttl) ~= (cur[16] or '') then
-      fields[#fields + 1] = 'ttl'
-      fields[#fields + 1] = ttl
-    end
-    if tostring(sus) ~= (cur[17] or '') then  -- sus is a number when adapted
-      fields[#fields + 1] = 'sus'
-      fields[#fields + 1] = sus
-    end
-    -- back from a death (or suspicion) that maintenance or the guard kept quiet: quiet too
-    local muted = cur[6] == '1' and (kind == 'recovered' or kind == 'alive')
-    if cur[7] and cur[7] ~= '' then  -- a held death is dropped: the instance came back
-      redis.call('ZREM', P .. 'held:' .. cur[7], id)
-    end
-    if not state then redis.call('SADD', P .. 'svc:' .. svc, id) end
-    if zone ~= (cur[8] or '') then
-      if cur[8] and cur[8] ~= '' then redis.call('SREM', P .. 'zone:' .. cur[8], id) end
-      if zone ~= '' then redis.call('SADD', P .. 'zone:' .. zone, id) end
-    end
-    if newinc then
-      fields[#fields + 1] = 'pinc'
-      fields[#fields + 1] = cur[2]
-    end
-    if not state then redis.call('SADD', K_INSTANCES, id) end
-    if kind then
-      local rec = {svc = svc, inst = inst, inc = inc, seq = seq, last = NOW, ttl = ttl,
-        meta = meta, ord = cur[5]}
-      emit(id, kind, state or 'none', rec, muted)
-      fields[#fields + 1] = 'since'
-      fields[#fields + 1] = NOW
-      fields[#fields + 1] = 'ord'
-      fields[#fields + 1] = rec.ord
-    end
-    redis.call('HSET', rkey, unpack(fields))
-    local mkey = P .. 'meta:' .. id
-    if redis.call('GET', mkey) ~= meta then
-      redis.call('SET', mkey, meta)
-      if cur[19] then  -- the layout before meta: and history:
-        redis.call('HDEL', rkey, 'meta')
-        redis.call('DEL', P .. 'hist:' .. id)
-      end
-    end
-    if newstate ~= state then
-      if newstate == 'left' then
-        redis.call('ZADD', K_NOTALIVE, 0, id)
-      elseif state then
-        redis.call('ZREM', K_NOTALIVE, id)
-      end
-    end
-    if newstate == 'alive' then
-      redis.call('SET', P .. 'alive:' .. id, '1', 'PX', ttl)
-      redis.call('ZADD', K_DEADLINES, next_due('alive', NOW, ivl, ttl, sus), id)
+  bucket_ids[id] = b
+  if not steady(id, svc, inc, seq, ivl, ttl, st, zone, meta) then
+    local cur = rec_hmget(id, unpack(READ))
+    local state = cur[1]
+    local accept, kind, newinc = verdict(state, cur[2], cur[3], cur[4], inc, seq, st)
+    if not accept then
+      stale = stale + 1
     else
-      redis.call('DEL', P .. 'alive:' .. id)
-      redis.call('ZADD', K_DEADLINES, NOW + RETENTION, id)
+      local newstate = 'alive'
+      if st == 'left' then
+        newstate = 'left'
+        if state ~= 'left' or newinc then kind = 'left' else kind = false end
+      end
+      local dttl = ttl
+      local sus = ''
+      local det = detector(svc)
+      local fields = changes(cur, not state, svc, inst, inc, seq, ivl, dttl, st, newstate, zone)
+      if det then
+        local continued = (state == 'alive' or state == 'suspect') and not newinc
+        ttl, sus = adapt(fields, det, cur, continued, dttl, ivl)
+      end
+      if tostring(ttl) ~= (cur[16] or '') then
+        fields[#fields + 1] = 'ttl'
+        fields[#fields + 1] = ttl
+      end
+      if tostring(sus) ~= (cur[17] or '') then  -- sus is a number when adapted
+        fields[#fields + 1] = 'sus'
+        fields[#fields + 1] = sus
+      end
+      -- back from a death (or suspicion) that maintenance or the guard kept quiet: quiet too
+      local muted = cur[6] == '1' and (kind == 'recovered' or kind == 'alive')
+      if cur[7] and cur[7] ~= '' then  -- a held death is dropped: the instance came back
+        redis.call('ZREM', P .. 'held:' .. cur[7], id)
+      end
+      if newinc then
+        fields[#fields + 1] = 'pinc'
+        fields[#fields + 1] = cur[2]
+      end
+      if kind then
+        local rec = {svc = svc, inst = inst, inc = inc, seq = seq, last = NOW, ttl = ttl,
+          meta = meta, ord = cur[5]}
+        emit(id, kind, state or 'none', rec, muted)
+        fields[#fields + 1] = 'since'
+        fields[#fields + 1] = NOW
+        fields[#fields + 1] = 'ord'
+        fields[#fields + 1] = rec.ord
+      end
+      if meta ~= cur[19] then
+        fields[#fields + 1] = 'meta'
+        fields[#fields + 1] = meta
+      end
+      rec_set(id, unpack(fields))
+      if newstate ~= state then
+        if newstate == 'left' then
+          redis.call('ZADD', K_NOTALIVE, 0, id)
+        elseif state then
+          redis.call('ZREM', K_NOTALIVE, id)
+        end
+      end
+      if newstate == 'alive' then
+        dl_add(id, next_due('alive', NOW, ivl, ttl, sus))
+      else
+        dl_add(id, NOW + RETENTION)
+      end
     end
   end
 end
@@ -231,6 +243,8 @@ if agg ~= '' then
   redis.call('HSET', K_OBSERVERS, agg, string.format('%d %d', stamp, NOW))
 end
 
+rec_flush()
+dl_touched = {}  -- deadlines moved later leave K_DLMIN early, never late (see dl_add)
 table.insert(out, 1, epoch)
 table.insert(out, 1, stale)
 return out

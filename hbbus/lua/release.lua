@@ -19,5 +19,7 @@ for _, scope in ipairs(scopes) do
     done[#done + 1] = scope
   end
 end
+rec_flush()
+dl_flush()
 table.insert(done, 1, released)
 return done

@@ -3,7 +3,8 @@
 --
 -- KEYS[1] routes hash (instance -> JSON entry)   KEYS[2] state hash (version, epoch, primary)
 -- KEYS[3] promotion hash                          KEYS[4] index set of routed services
--- KEYS[5] alive key of the instance (begin and abort)
+-- KEYS[5] the bucket hash holding the instance's record   KEYS[6] its alive key of the
+-- earlier layout (begin and abort: whether the instance is alive)
 -- ARGV[1] operation   ARGV[2] service   ARGV[3] instance   ARGV[4..] below
 --
 -- Safety rule: at most one entry is a routable primary, the state's `primary`; an instance that
@@ -17,6 +18,18 @@ local NOW = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
 local K_ROUTES, K_STATE, K_PROMO, K_INDEX = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 -- the reason of the fence on a dead primary that came back while a promotion replaces it
 local PROMOTING = 'a promotion is replacing it'
+
+-- Whether INST is alive: its record (packed as hbbus/lua/common.lua describes: state first,
+-- as a letter, last and ttl fourth and fifth) says alive or suspect with last + ttl still ahead, or, for a
+-- record of the earlier layout not moved yet, its alive key exists.
+local function is_alive()
+  if redis.call('EXISTS', KEYS[6]) == 1 then return true end
+  local raw = redis.call('HGET', KEYS[5], SVC .. '/' .. INST)
+  if not raw then return false end
+  local state, last, ttl = string.match(raw,
+    '^([^\t]*)\t[^\t]*\t[^\t]*\t([^\t]*)\t([^\t]*)\t')
+  return (state == 'a' or state == 's') and tonumber(last) + tonumber(ttl) > NOW
+end
 
 local function load_entry(inst)
   local raw = redis.call('HGET', K_ROUTES, inst)
@@ -145,7 +158,7 @@ local function begin()
   if primary ~= INST then
     return {'not-primary', epoch, primary, redis.call('HGET', K_STATE, 'from') or ''}
   end
-  if redis.call('EXISTS', KEYS[5]) == 1 then return {'alive', epoch, primary, ''} end
+  if is_alive() then return {'alive', epoch, primary, ''} end
   epoch = redis.call('HINCRBY', K_STATE, 'epoch', 1)
   redis.call('HSET', K_PROMO, 'epoch', epoch, 'old', INST, 'owner', owner,
     'until', NOW + lease, 'started', NOW)
@@ -188,7 +201,7 @@ end
 
 -- Give the lock up without a promotion; INST is the old primary. ARGV[4] epoch  [5] owner
 -- The old primary stays the primary: if it came back meanwhile, the fence this promotion put
--- on it goes, and it is routable again while it is alive (KEYS[5]).
+-- on it goes, and it is routable again while it is alive.
 local function abort()
   local p = promotion()
   if not holds(p, tonumber(ARGV[4]), ARGV[5]) then return 1 end
@@ -197,7 +210,7 @@ local function abort()
   if old and old.fenced and old.reason == PROMOTING then
     local e = cjson.decode(cjson.encode(old))
     e.fenced, e.reason = false, ''
-    e.routable = p.old == INST and redis.call('EXISTS', KEYS[5]) == 1
+    e.routable = p.old == INST and is_alive()
     save(p.old, old, e)
   end
   return 1
