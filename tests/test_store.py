@@ -417,6 +417,16 @@ async def test_a_steady_heartbeat_rewrites_its_record_as_the_general_path_would(
     assert encode_record(after) == packed  # canonical: what rec_pack would write
     assert await store.deadline("svc", "a") == int(after["last"]) + 150  # suspect at 1.5 ivl
     assert (await ingest(store, hb(2, meta=meta), ttl_ms=5_000))[0] == 1  # stale still counted
+    # restarted: the record keeps its previous incarnation after the meta, and stays steady
+    assert kinds((await ingest(store, hb(1, "i2", meta=meta), ttl_ms=5_000))[1]) == ["restarted"]
+    before = decode_record("svc/a", await store.redis.hget(key, "svc/a"))
+    assert before["pinc"] == "i1"
+    await asyncio.sleep(0.01)
+    assert await ingest(store, hb(2, "i2", meta=meta), ttl_ms=5_000) == (0, [])
+    packed = await store.redis.hget(key, "svc/a")
+    after = decode_record("svc/a", packed)
+    assert {**before, "seq": "2", "last": after["last"]} == after
+    assert int(after["last"]) > int(before["last"]) and encode_record(after) == packed
 
 
 async def test_every_field_of_a_record_survives_packing(store):

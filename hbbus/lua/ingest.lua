@@ -137,11 +137,14 @@ end
 local FIELDS = '^' .. string.rep('([^\t]*)\t', 9) .. '(.*)$'
 
 -- A steady heartbeat: an instance alive, of the same incarnation, with a newer seq and
--- nothing else changed (interval, ttl, status ok, zone, meta), no adaptive detector, and a
--- record with no field after its meta (none muted, held, restarted or published dead). Only
--- its seq, last and since (kept as a distance from last) change: the packed record is
--- rewritten in place, neither unpacked nor counted again ('a': alive, see CODE). Anything else takes the general
+-- nothing else changed (interval, ttl, status ok, zone, meta), no adaptive detector, and none
+-- of the fields after the meta that a heartbeat would change (a dttl or sus of its own, a
+-- status, muted, held; pinc, pub and the flap fields stay as they are). Only its seq, last
+-- and since (kept as a distance from last) change: the packed record is rewritten in place,
+-- neither unpacked nor counted again ('a': alive, see CODE). Anything else takes the general
 -- path, which makes the same record (tests/test_store.py checks both).
+local TAIL_FIELD = '([^\t]*)\t?'
+
 local function steady(id, svc, inc, seq, ivl, ttl, st, zone, meta)
   if st ~= 'ok' or recs[id] ~= nil or detector(svc) then return false end
   local key = bucket_of(id)
@@ -149,14 +152,23 @@ local function steady(id, svc, inc, seq, ivl, ttl, st, zone, meta)
   if not raw then return false end
   local state, cinc, cseq, last, cttl, civl, ord, first, since, czone, hist, cmeta =
     string.match(raw, RPAT)
-  if state ~= 'a' or cinc ~= inc or cttl ~= ttl or civl ~= ivl or czone ~= zone
-      or cmeta ~= meta then
+  if state ~= 'a' or cinc ~= inc or cttl ~= ttl or civl ~= ivl or czone ~= zone then
     return false
+  end
+  if cmeta ~= meta then  -- the meta changed, or fields follow it (pinc, dttl, sus, ...)
+    local n = #meta
+    if string.sub(cmeta, 1, n + 1) ~= meta .. '\t' then return false end
+    local _, dttl, sus, status, _, muted, held = string.match(string.sub(cmeta, n + 2),
+      '^' .. string.rep(TAIL_FIELD, 7))
+    if dttl ~= '' or sus ~= '' or status ~= '' or (muted ~= '' and muted ~= '0')
+        or held ~= '' then
+      return false
+    end
   end
   if seq ~= '0' and tonumber(seq) <= tonumber(cseq) then return false end  -- stale: counted there
   if since ~= '' then since = tonumber(since) + NOW - tonumber(last) end
   redis.call('HSET', key, id,
-    table.concat({state, inc, seq, NOW, ttl, ivl, ord, first, since, zone, hist, meta}, '\t'))
+    table.concat({state, inc, seq, NOW, ttl, ivl, ord, first, since, zone, hist, cmeta}, '\t'))
   dl_add(id, next_due('alive', NOW, ivl, ttl, ''))
   return true
 end
