@@ -247,6 +247,16 @@ async def scope_counts(store: Store) -> dict[str, int]:
     return counts
 
 
+async def redis_clock_moved(store: Store) -> None:
+    """Until Redis time is past the current millisecond: the next call's NOW is later."""
+    start = await store.time_ms()
+
+    async def later() -> bool:
+        return await store.time_ms() > start
+
+    await wait_until(later, 2, "Redis time to move on")
+
+
 async def bucket_minimums(store: Store) -> tuple[dict[str, int], dict[str, int]]:
     """K_DLMIN's entries, and each bucket's earliest deadline."""
     n = store.names
@@ -284,7 +294,7 @@ async def test_the_deadline_index_follows_joins_deaths_purges_and_forgets(store)
     await ingest(store, *[hb(1, inst=f"d{k}") for k in range(10)])  # TTL 200 ms
     assert await store.instance_count() == 60
     await index_agrees(store)
-    await asyncio.sleep(0.01)
+    await redis_clock_moved(store)
     again = [hb(2, inst=f"s{k}") for k in range(50)]  # moves their deadlines later
     await store.ingest([(b, 1_000, 5_000) for b in again], "t", CAUGHT_UP)
     mins, found = await bucket_minimums(store)
@@ -407,7 +417,7 @@ async def test_a_steady_heartbeat_rewrites_its_record_as_the_general_path_would(
     key, meta = store.names.bucket_key("svc", "a"), {"endpoint": "h:1"}
     await ingest(store, hb(1, meta=meta), ttl_ms=5_000)
     before = decode_record("svc/a", await store.redis.hget(key, "svc/a"))
-    await asyncio.sleep(0.01)
+    await redis_clock_moved(store)
     stale, events = await ingest(store, hb(2, meta=meta), ttl_ms=5_000)
     assert (stale, events) == (0, [])
     packed = await store.redis.hget(key, "svc/a")
@@ -421,7 +431,7 @@ async def test_a_steady_heartbeat_rewrites_its_record_as_the_general_path_would(
     assert kinds((await ingest(store, hb(1, "i2", meta=meta), ttl_ms=5_000))[1]) == ["restarted"]
     before = decode_record("svc/a", await store.redis.hget(key, "svc/a"))
     assert before["pinc"] == "i1"
-    await asyncio.sleep(0.01)
+    await redis_clock_moved(store)
     assert await ingest(store, hb(2, "i2", meta=meta), ttl_ms=5_000) == (0, [])
     packed = await store.redis.hget(key, "svc/a")
     after = decode_record("svc/a", packed)
@@ -434,7 +444,7 @@ async def test_every_field_of_a_record_survives_packing(store):
     scripts decodes to the values they wrote, meta with tabs and all."""
     meta = {"endpoint": "h:1", "note": "a\tb"}
     await ingest(store, hb(7, meta=meta))
-    await asyncio.sleep(0.01)
+    await redis_clock_moved(store)
     await ingest(store, hb(1, "i2", meta=meta))  # restarted: since and ord move, last too
     await ingest(store, hb(2, "i2", meta=meta))
     record = await store.record("svc", "a")

@@ -75,7 +75,7 @@ local CODE = {alive = 'a', suspect = 's', dead = 'd', left = 'l', none = 'n', jo
 local WORD = {}
 for word, code in pairs(CODE) do WORD[code] = word end
 
-local I_ORD, I_FIRST, I_SINCE, I_HIST, I_DTTL, I_STATUS = 7, 8, 9, 11, 14, 16
+local I_TTL, I_ORD, I_FIRST, I_SINCE, I_HIST, I_DTTL, I_STATUS = 5, 7, 8, 9, 11, 14, 16
 
 -- The newest history line packed (to = true) or unpacked against the record's incarnation, ttl
 -- and since.
@@ -126,7 +126,7 @@ local function rec_pack(r)
       end
     end
   end
-  if out[I_DTTL] == out[5] then out[I_DTTL] = '' end  -- (5: ttl)
+  if out[I_DTTL] == out[I_TTL] then out[I_DTTL] = '' end
   if out[I_STATUS] == 'ok' then out[I_STATUS] = '' end
   local n = NRF
   while n > NCORE and out[n] == '' do n = n - 1 end
