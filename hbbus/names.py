@@ -137,8 +137,10 @@ class Names:
         return f"{self.key_prefix}outbox:body"
 
     @property
-    def outbox_lease_key(self) -> str:
-        return f"{self.key_prefix}outbox:lease"
+    def outbox_due_key(self) -> str:
+        """Sorted set: each instance's oldest pending event -> when it may be handed out (its
+        lease's end; 0: now). The events behind it wait in ``outbox:wait:<svc>/<inst>``."""
+        return f"{self.key_prefix}outbox:due"
 
     @property
     def outbox_pending_key(self) -> str:

@@ -9,18 +9,24 @@ Key layout (``P`` = ``{<ns>}:``, see :mod:`hbbus.names`):
   Alive is a state: ``alive`` or ``suspect`` with ``last + ttl`` still ahead.
 - ``P history:<svc>/<inst>`` string, the instance's older transitions, one line each (newest
   first, see :func:`history_event`); the newest is the record's ``hist``
-- ``P deadlines``          sorted set: ``svc/inst`` -> the time of its next transition (ms);
-  every record has one (a transition, or its purge), so it also lists every instance
+- ``P dl:<xyz>``           sorted set: the bucket's instances -> the time of their next
+  transition (ms; every record has one: a transition, or its purge); ``P dlmin``: bucket ->
+  a time at or before its earliest deadline (never after)
+- ``P scopes``             hash: ``service:<svc>`` / ``zone:<zone>`` -> how many of its
+  instances are alive or suspect (the mass-expiry guard's totals)
 - ``P outbox``             sorted set of unpublished event ids, oldest first; with
-  ``P outbox:body`` (id -> instance, routing key, JSON), ``P outbox:lease`` (id -> lease end)
-  and ``P outbox:pending`` (instance -> number of its unpublished events)
+  ``P outbox:body`` (id -> instance, routing key, JSON), ``P outbox:pending`` (instance ->
+  number of its unpublished events), ``P outbox:due`` (each instance's oldest -> the end of
+  its lease, 0 if it may be handed out now) and ``P outbox:wait:<svc>/<inst>`` (the events
+  behind it, by ord)
 - ``P log``                capped stream of every transition (the history)
 - ``P stats``              hash of counters
 
 The earlier layout (a hash ``P inst:<svc>/<inst>``, ``P meta:``, ``P alive:`` keys, the set
 ``P instances`` and one sorted set ``P deadlines``) is moved into the buckets a thousand records
 per script call (see ``migrate_one`` in hbbus/lua/common.lua); until then :meth:`Store.records`
-and :meth:`Store.record` read it where it is.
+and :meth:`Store.record` read it where it is. An outbox of the release before ``outbox:due``
+(leases in a hash ``P outbox:lease``) is indexed once, by the first script that touches it.
 """
 
 from __future__ import annotations
@@ -320,7 +326,7 @@ class Store:
             names.instances_key,
             names.outbox_key,
             names.outbox_body_key,
-            names.outbox_lease_key,
+            names.outbox_due_key,
             names.outbox_pending_key,
             names.log_key,
             names.observers_key,

@@ -496,6 +496,57 @@ async def test_an_instance_events_are_handed_out_in_order(store):
     assert kinds(other) == ["joined"]
 
 
+async def test_the_reaper_reads_only_the_events_it_hands_out(settings, private_redis):
+    """Events in flight under a live lease cost a claim nothing: it reads the events due
+    (``outbox:due`` up to now), not the whole outbox. (Commands counted on a server of the
+    test's own: the earlier reaper read two hash fields per event in flight, every step.)"""
+    config = StoreConfig(lease_ms=300, retention_ms=60_000)
+    store = Store.from_settings(dataclasses.replace(settings, redis_url=private_redis.url), config)
+    try:
+        beats = [hb(1, inst=f"i{k}") for k in range(400)]
+        _, joined = await ingest(store, *beats, ttl_ms=60_000, publish=False)
+        assert len(joined) == 400  # handed out, each with a lease: in flight
+        await store.redis.config_resetstat()
+        assert (await claim(store)).events == []
+        stats = await store.redis.info("commandstats")
+        reads = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hget", "hmget"))
+        assert reads < 10, f"{reads} hash reads for a claim with nothing to hand out"
+        # once the leases run out, every one of them is handed out again, same ids
+        again: list[str] = []
+
+        async def all_again() -> bool:
+            again.extend(e.id for e in (await claim(store)).events)
+            return len(again) >= 400
+
+        await wait_until(all_again, 5, "handed out again after the leases")
+        assert sorted(again) == sorted(e.id for e in joined)
+    finally:
+        await store.close()
+
+
+async def test_an_outbox_of_the_earlier_release_is_indexed_once(store):
+    """The release before ``outbox:due`` kept leases in a hash and found an instance's oldest
+    event by reading the whole outbox. Its outbox is indexed by the first script that
+    touches it: the oldest event of each instance is due at its lease's end (now if none),
+    the ones behind it wait for it."""
+    _, a_joined = await ingest(store, hb(1, inst="a"), publish=False)
+    _, a_restarted = await ingest(store, hb(1, "i2", inst="a"), publish=False)
+    assert a_restarted == []  # waits behind `joined`
+    _, b_joined = await ingest(store, hb(1, inst="b"), publish=False)
+    _, c_joined = await ingest(store, hb(1, inst="c"), publish=False)
+    p, r = store.names.key_prefix, store.redis
+    # as the earlier release left it: a and c leased (c's lease over), b never handed out
+    now_ms = await store.time_ms()
+    await r.delete(f"{p}outbox:due", f"{p}outbox:wait:svc/a", f"{p}outbox:indexed")
+    await r.hset(f"{p}outbox:lease", mapping={a_joined[0].id: now_ms + 60_000, c_joined[0].id: 1})
+    handed = (await claim(store)).events
+    assert sorted(e.id for e in handed) == sorted([b_joined[0].id, c_joined[0].id])
+    assert not await r.exists(f"{p}outbox:lease") and await r.exists(f"{p}outbox:indexed")
+    assert await store.finalize([a_joined[0].id]) == 1, "restarted waits behind it"
+    assert kinds((await claim(store)).events) == ["restarted"]
+    assert (await claim(store)).events == []  # all leased now, none handed out twice
+
+
 async def test_finalize_twice_is_harmless(store):
     _, events = await ingest(store, hb(1), publish=False)
     await store.finalize([events[0].id])

@@ -1,6 +1,6 @@
 -- The reaper's step. ARGV[S] = limit, ARGV[S + 1] = the calling aggregator.
--- 1. The outbox, oldest first: an event without a live lease (its publisher died or gave up)
---    is handed out again, unless an older event of the same instance is still pending.
+-- 1. The outbox: an instance's oldest pending event without a live lease (its publisher died
+--    or gave up, or it waited behind an older one) is handed out (again).
 -- 2. The watermark: the oldest probe stamp among live aggregators. Every heartbeat published
 --    before it has been applied, so only deadlines at or below it may be judged. When it lags
 --    more than degraded_after_ms (or no aggregator has caught up) the observer is degraded:
@@ -12,23 +12,17 @@
 -- upcoming_ms being the first deadline after now when the next one is already past.
 local limit, me = tonumber(ARGV[S]), ARGV[S + 1]
 
-local waiting = {}
-for _, evid in ipairs(redis.call('ZRANGE', K_OUTBOX, 0, limit - 1)) do
+-- each instance's oldest pending event whose lease ran out, or that was never handed out
+outbox_index()
+for _, evid in ipairs(redis.call('ZRANGE', K_DUE, '-inf', NOW, 'BYSCORE', 'LIMIT', 0, limit)) do
   local stored = redis.call('HGET', K_BODY, evid)
-  if not stored then
+  if not stored then  -- finalised by another hand meanwhile
+    redis.call('ZREM', K_DUE, evid)
     redis.call('ZREM', K_OUTBOX, evid)
-    redis.call('HDEL', K_LEASE, evid)
   else
     local sp1 = string.find(stored, ' ', 1, true)
     local sp2 = string.find(stored, ' ', sp1 + 1, true)
-    local id = string.sub(stored, 1, sp1 - 1)
-    if not waiting[id] then
-      waiting[id] = true
-      local lease = tonumber(redis.call('HGET', K_LEASE, evid))
-      if not lease or lease <= NOW then
-        claim_event(evid, string.sub(stored, sp1 + 1, sp2 - 1), string.sub(stored, sp2 + 1))
-      end
-    end
+    claim_event(evid, string.sub(stored, sp1 + 1, sp2 - 1), string.sub(stored, sp2 + 1))
   end
 end
 

@@ -1,5 +1,6 @@
 -- Shared prelude of the hbbus scripts (prepended by hbbus/store.py).
--- KEYS: deadlines, instances (the earlier layout's, see migrate_all), outbox, outbox:body, outbox:lease, outbox:pending, log,
+-- KEYS: deadlines, instances (the earlier layout's, see migrate_all), outbox, outbox:body,
+--       outbox:due (see claim_event), outbox:pending, log,
 --       observers (aggregator -> "probe_ms seen_ms"), observer (the observer's own state),
 --       maintenance (service or service/instance -> "until_ms reason"),
 --       guard (tripped scope -> "tripped_ms last_release_ms"),
@@ -28,7 +29,7 @@ local FLAP_MAX, FLAP_WINDOW, FLAP_STABLE = tonumber(ARGV[14]), tonumber(ARGV[15]
   tonumber(ARGV[16])
 local S = 17
 local K_DEADLINES, K_INSTANCES = KEYS[1], KEYS[2]
-local K_OUTBOX, K_BODY, K_LEASE, K_PENDING = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local K_OUTBOX, K_BODY, K_DUE, K_PENDING = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local K_LOG, K_OBSERVERS, K_OBSERVER, K_MAINT = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local K_GUARD, K_FLAPCHECK, K_DETECTORS = KEYS[11], KEYS[12], KEYS[13]
 -- Sorted set of the instances that are not alive, so the mass-expiry guard can bound a scope's
@@ -484,8 +485,46 @@ end
 
 -- The outbox keeps each instance's unpublished events in order: an event is handed out for
 -- publishing (with a lease) only when no older event of the same instance is still pending.
+-- K_DUE holds each instance's oldest pending event, scored with the time it may be handed
+-- out: its lease's end, or 0 (now: not handed out yet, or released). The events behind it
+-- wait in P outbox:wait:<svc>/<inst>, scored by ord, until it is finalised. The reaper thus
+-- reads only what it hands out (a ZRANGE of K_DUE up to now), not every event in flight.
+local function outbox_wait_key(id)
+  return P .. 'outbox:wait:' .. id
+end
+
+-- The outbox of the release before K_DUE (a hash P outbox:lease of lease ends, the events
+-- behind an instance's oldest found by reading the whole outbox) is indexed once, by the
+-- first script of this release that touches the outbox.
+local outbox_indexed = false
+local function outbox_index()
+  if outbox_indexed then return end
+  outbox_indexed = true
+  local flag = P .. 'outbox:indexed'
+  if redis.call('EXISTS', flag) == 1 then return end
+  local old, heads = P .. 'outbox:lease', {}
+  local entries = redis.call('ZRANGE', K_OUTBOX, 0, -1, 'WITHSCORES')
+  for i = 1, #entries, 2 do
+    local evid = entries[i]
+    local stored = redis.call('HGET', K_BODY, evid)
+    if not stored then
+      redis.call('ZREM', K_OUTBOX, evid)
+    else
+      local id = string.sub(stored, 1, string.find(stored, ' ', 1, true) - 1)
+      if heads[id] then
+        redis.call('ZADD', outbox_wait_key(id), entries[i + 1], evid)
+      else
+        heads[id] = true
+        redis.call('ZADD', K_DUE, redis.call('HGET', old, evid) or 0, evid)
+      end
+    end
+  end
+  redis.call('DEL', old)
+  redis.call('SET', flag, '1')
+end
+
 local function claim_event(evid, rk, body)
-  redis.call('HSET', K_LEASE, evid, NOW + LEASE)
+  redis.call('ZADD', K_DUE, NOW + LEASE, evid)
   out[#out + 1] = evid
   out[#out + 1] = rk
   out[#out + 1] = body
@@ -504,9 +543,14 @@ local function record_event(id, evid, ord, rk, body, hist, muted)
     rec_set(hist[1], 'hist', hist[2])
   end
   if muted then return end  -- maintenance: in the history, never published
+  outbox_index()
   redis.call('ZADD', K_OUTBOX, ord, evid)
   redis.call('HSET', K_BODY, evid, id .. ' ' .. rk .. ' ' .. body)
-  if redis.call('HINCRBY', K_PENDING, id, 1) == 1 and not NO_CLAIM then
+  if redis.call('HINCRBY', K_PENDING, id, 1) > 1 then
+    redis.call('ZADD', outbox_wait_key(id), ord, evid)  -- behind the older ones
+  elseif NO_CLAIM then
+    redis.call('ZADD', K_DUE, 0, evid)
+  else
     claim_event(evid, rk, body)
   end
 end
