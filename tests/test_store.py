@@ -314,6 +314,23 @@ async def test_the_deadline_index_follows_joins_deaths_purges_and_forgets(store)
     assert result.next_due_ms == min(d for d in deadlines if d is not None)
 
 
+async def test_a_steady_heartbeat_that_moves_a_deadline_earlier_lowers_its_bucket(store):
+    """A steady heartbeat usually moves its instance's deadline later, which leaves the
+    bucket's entry in ``dlmin`` right as it is. When the deadline it replaces was later
+    still (a grace period after the observer recovered), the entry must come down with it,
+    else the death would be found late."""
+    await ingest(store, hb(1), ttl_ms=5_000)
+    n, bucket = store.names, store.names.bucket("svc", "a")
+    far = await store.time_ms() + 3_600_000  # as a grace period would leave it
+    await store.redis.zadd(n.deadline_key("svc", "a"), {"svc/a": far})
+    await store.redis.zadd(n.dlmin_key, {bucket: far})
+    await ingest(store, hb(2), ttl_ms=5_000)  # steady: the short path
+    deadline = await store.deadline("svc", "a")
+    assert deadline is not None and deadline < far
+    assert await store.redis.zscore(n.dlmin_key, bucket) <= deadline
+    await index_agrees(store)
+
+
 async def test_the_guard_s_counts_follow_every_transition(store):
     """K_SCOPES (alive or suspect per service and zone) equals a count of the records after
     joins, a zone move, suspicion, deaths, a recovery, a departure, a purge and a forget."""

@@ -203,7 +203,7 @@ end
 -- leaves it early; the reaper puts such a bucket right when it finds nothing due there
 -- (dl_due marks it), and dl_flush, in the scripts other than ingest, sets every bucket they
 -- changed exactly. claim.lua sets the earliest few exactly before it says when the next
--- deadline is (dl_exact_head). Ingest thus costs two commands per heartbeat, not four.
+-- deadline is (dl_exact_head). A steady heartbeat thus costs one command (dl_later), not four.
 local K_DLMIN = P .. 'dlmin'
 local dl_touched = {}
 -- While records of the layout before packed ones are left (see migrate_one), the deadlines
@@ -216,6 +216,15 @@ local function dl_add(id, at)
   redis.call('ZADD', P .. 'dl:' .. b, at, id)
   redis.call('ZADD', K_DLMIN, 'LT', at, b)
   dl_touched[b] = true
+end
+
+-- dl_add for a deadline that usually moves later (a steady heartbeat): one command when it
+-- does (the bucket's entry in K_DLMIN, at or before the old deadline, stays right), the two
+-- of dl_add when it does not (an earlier deadline, or none yet).
+local function dl_later(id, at)
+  if redis.call('ZADD', P .. 'dl:' .. bucket(id), 'XX', 'GT', 'CH', at, id) == 0 then
+    dl_add(id, at)
+  end
 end
 
 local function dl_rem(id)

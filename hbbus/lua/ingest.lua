@@ -169,7 +169,7 @@ local function steady(id, svc, inc, seq, ivl, ttl, st, zone, meta)
   if since ~= '' then since = tonumber(since) + NOW - tonumber(last) end
   redis.call('HSET', key, id,
     table.concat({state, inc, seq, NOW, ttl, ivl, ord, first, since, zone, hist, cmeta}, '\t'))
-  dl_add(id, next_due('alive', NOW, ivl, ttl, ''))
+  dl_later(id, next_due('alive', NOW, ivl, ttl, ''))
   return true
 end
 
