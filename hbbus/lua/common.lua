@@ -203,7 +203,8 @@ end
 -- leaves it early; the reaper puts such a bucket right when it finds nothing due there
 -- (dl_due marks it), and dl_flush, in the scripts other than ingest, sets every bucket they
 -- changed exactly. claim.lua sets the earliest few exactly before it says when the next
--- deadline is (dl_exact_head). A steady heartbeat thus costs one command (dl_later), not four.
+-- deadline is (dl_exact_head). A steady heartbeat moves its deadline with one command
+-- (dl_later), not four.
 local K_DLMIN = P .. 'dlmin'
 local dl_touched = {}
 -- While records of the layout before packed ones are left (see migrate_one), the deadlines
