@@ -45,8 +45,8 @@ from redis.exceptions import RedisError
 from hbbus.detect import DetectorConfig
 from hbbus.errors import Unavailable
 from hbbus.names import Names
-from hbbus.settings import NAME_RE, Settings, redact
-from hbbus.wire import WIRE_VERSION, Heartbeat
+from hbbus.settings import Settings, redact
+from hbbus.wire import WIRE_VERSION, Heartbeat, valid_name
 
 _LUA = Path(__file__).with_name("lua")
 
@@ -240,7 +240,7 @@ def _events(flat: Sequence[Any]) -> list[OutEvent]:
 def zone_of(beat: Heartbeat) -> str:
     """``meta.zone`` when it is a valid name (it becomes part of keys and routing keys)."""
     zone = beat.meta.get("zone")
-    return zone if isinstance(zone, str) and NAME_RE.fullmatch(zone) else ""
+    return zone if valid_name(zone) else ""
 
 
 def history_event(service: str, instance: str, line: str) -> dict[str, Any]:

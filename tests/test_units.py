@@ -21,7 +21,13 @@ from hbbus.names import Names, split_instance_id
 from hbbus.ops import listpack_advice, topic_match
 from hbbus.settings import NAME_RE, Settings, redact
 from hbbus.store import ClaimResult, OutEvent, decode_record, encode_record
-from hbbus.wire import MAX_MESSAGE_BYTES, Heartbeat, decode_event, decode_heartbeat
+from hbbus.wire import (
+    MAX_MESSAGE_BYTES,
+    Heartbeat,
+    decode_event,
+    decode_heartbeat,
+    valid_name,
+)
 from hbbus.workers.aggregator import SENDING_BATCHES, Aggregator, AggregatorConfig, coalesce
 from tests.helpers import wait_until
 
@@ -85,12 +91,24 @@ def test_decoder_never_crashes_on_garbage(body):
         (orjson.dumps({**orjson.loads(beat().encode()), "seq": True}), "schema"),
         (orjson.dumps({**orjson.loads(beat().encode()), "misses": 0}), "schema"),
         (orjson.dumps({**orjson.loads(beat().encode()), "misses": "3"}), "schema"),
+        (orjson.dumps({**orjson.loads(beat().encode()), "svc": ["api"]}), "schema"),
+        (orjson.dumps({**orjson.loads(beat().encode()), "inc": {"a": 1}}), "schema"),
+        (orjson.dumps({**orjson.loads(beat().encode()), "inst": 7}), "schema"),
     ],
 )
 def test_invalid_heartbeats_have_reasons(doc, reason):
     with pytest.raises(InvalidMessage) as info:
         decode_heartbeat(doc)
     assert info.value.reason == reason
+
+
+@given(st.text(max_size=70))
+def test_a_name_is_valid_as_the_pattern_says_every_time(name):
+    """valid_name remembers the names that passed: the first answer and the remembered one
+    are both the pattern's."""
+    expected = NAME_RE.fullmatch(name) is not None
+    assert valid_name(name) is expected
+    assert valid_name(name) is expected
 
 
 def test_defaults_are_left_out_of_the_message():
