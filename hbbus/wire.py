@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -105,7 +105,7 @@ _known_names: set[str] = set()
 _KNOWN_NAMES_MAX = 1 << 18
 
 
-def valid_name(value: object) -> bool:
+def valid_name(value: object) -> TypeGuard[str]:
     """Whether ``value`` is a string that is a valid name (NAME_RE)."""
     if not isinstance(value, str):
         return False

@@ -10,8 +10,15 @@ import aio_pika
 import aiormq.connection
 import orjson
 
-from hbbus.amqp import connect, use_buffered_frame_reader
+from hbbus.amqp import (
+    can_publish_batch,
+    connect,
+    publish_batch,
+    publish_confirmed,
+    use_buffered_frame_reader,
+)
 from hbbus.client import Heartbeater
+from hbbus.errors import DeliveryFailed
 from hbbus.frames import Delivery
 from hbbus.names import Names
 from hbbus.settings import Settings
@@ -88,14 +95,14 @@ async def test_an_event_held_back_goes_out_once_the_one_before_is_confirmed(
     [proc] = await aggregators(1, config)
     publisher = proc.aggregator.publisher
     gate = asyncio.Event()
-    publish_one = publisher._one
+    publish_all = publisher._publish_all
 
-    async def gated(event):  # the `joined` publish waits until the restart is recorded
-        if event.routing_key.startswith("joined."):
+    async def gated(events):  # the `joined` publish waits until the restart is recorded
+        if any(e.routing_key.startswith("joined.") for e in events):
             await gate.wait()
-        await publish_one(event)
+        return await publish_all(events)
 
-    publisher._one = gated
+    publisher._publish_all = gated
     store = Store.from_settings(settings)
     connection = await connect(settings, "test-held-back", robust=False)
     try:
@@ -403,3 +410,50 @@ async def test_a_broker_cancel_before_the_consume_reply_is_recognised(settings, 
     assert cancelled and agg._consumer_tag not in (None, cancelled[0])
     assert agg._consumer_tag in channel.consumers
     await channel.basic_cancel(cancelled[0])  # the broker never cancelled it: we do
+
+
+async def test_a_batch_publish_is_one_write_confirmed_message_by_message(settings):
+    """publish_batch (the aggregator's events) on the real broker: every message arrives in
+    order with its properties, a body larger than a frame whole; an unroutable one (mandatory)
+    is refused by itself; publishes one at a time before and after keep aiormq's count of
+    delivery tags right (each is confirmed)."""
+    exchange_name, queue_name = f"{settings.namespace}.batch", f"{settings.namespace}.batch-q"
+    connection = await connect(settings, "test-batch", robust=False)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(
+            exchange_name, aio_pika.ExchangeType.TOPIC, auto_delete=True
+        )
+        queue = await channel.declare_queue(queue_name, exclusive=True)
+        await queue.bind(exchange, "ok.#")
+        before = await publish_confirmed(exchange, b"before", "ok.before", message_id="b0")
+        underlay = await channel.get_underlay_channel()
+        assert can_publish_batch(underlay)
+
+        def props(n: int) -> aiormq.spec.Basic.Properties:
+            return aiormq.spec.Basic.Properties(
+                content_type="application/json",
+                delivery_mode=2,
+                message_id=f"m{n}",
+                message_type="joined",
+            )
+
+        big = b"x" * 300_000  # more than a frame (RabbitMQ's frame_max: 128 KiB)
+        messages = [(f"{n}".encode(), f"ok.{n}", props(n)) for n in range(300)]
+        messages.insert(100, (b"lost", "nobody.home", props(1000)))
+        messages.append((big, "ok.big", props(2000)))
+        results = await publish_batch(underlay, exchange_name, messages)
+        refused = [i for i, r in enumerate(results) if r is not None]
+        assert refused == [100] and isinstance(results[100], DeliveryFailed)
+        assert before is None
+        await publish_confirmed(exchange, b"after", "ok.after", message_id="a0")
+        got = []
+        async with queue.iterator(no_ack=True) as it:
+            async for message in it:
+                got.append(message)
+                if message.message_id == "a0":
+                    break
+        assert [m.message_id for m in got] == ["b0", *(f"m{n}" for n in range(300)), "m2000", "a0"]
+        assert got[150].body == b"149" and got[-2].body == big
+        assert got[1].type == "joined" and got[1].content_type == "application/json"
+        assert got[1].delivery_mode == aio_pika.DeliveryMode.PERSISTENT

@@ -41,10 +41,12 @@ from redis.exceptions import RedisError
 from hbbus import metrics
 from hbbus.amqp import (
     AMQP_ERRORS,
+    can_publish_batch,
     connect,
     declare_events,
     declare_heartbeats,
     declare_ingest,
+    publish_batch,
     publish_confirmed,
 )
 from hbbus.errors import DeliveryFailed, InvalidMessage
@@ -215,10 +217,42 @@ class EventPublisher:
             kind=event_kind(event.routing_key),
         )
 
+    async def _publish_all(self, events: Sequence[OutEvent]) -> list[BaseException | None]:
+        """Publish, as one batch where the channel allows it; per event None (confirmed) or
+        the error."""
+        channel = cast(aio_pika.abc.AbstractChannel, self.exchange.channel)  # type: ignore[attr-defined]
+        if not channel.is_closed:
+            try:
+                underlay = await channel.get_underlay_channel()
+            except AMQP_ERRORS as exc:
+                return [exc] * len(events)
+            if can_publish_batch(underlay):
+                messages = [
+                    (
+                        e.body.encode(),
+                        e.routing_key,
+                        aiormq.spec.Basic.Properties(  # as publish_confirmed's
+                            content_type="application/json",
+                            headers={},
+                            delivery_mode=2,  # persistent
+                            priority=0,
+                            message_id=e.id,
+                            message_type=event_kind(e.routing_key),
+                        ),
+                    )
+                    for e in events
+                ]
+                try:
+                    return await publish_batch(underlay, self.exchange.name, messages)
+                except AMQP_ERRORS as exc:
+                    return [exc] * len(events)
+        results = await asyncio.gather(*(self._one(e) for e in events), return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
+
     async def publish(self, events: Sequence[OutEvent]) -> int:
         """Publish, then finalise what the broker confirmed. Unconfirmed events stay in the
         outbox and are published again when their lease runs out."""
-        results = await asyncio.gather(*(self._one(e) for e in events), return_exceptions=True)
+        results = await self._publish_all(events)
         for result in results:  # a bug, not the broker: do not hide it
             if isinstance(result, BaseException) and not isinstance(
                 result, (*AMQP_ERRORS, DeliveryFailed)
