@@ -71,7 +71,7 @@ STEADY_INTERVAL_MS = 20_000
 #: a ladder step the publisher reaches less than this share of: the cores are full
 FELL_SHORT = 0.9
 CPU_RATE, CPU_SECONDS = 3000, 10.0
-LADDER_RATES = (*range(1000, 12_001, 1000), 14_000, 16_000, 18_000, 20_000)
+LADDER_RATES = (*range(1000, 12_001, 1000), *range(14_000, 20_001, 2000), 24_000, 28_000, 32_000)
 
 
 async def publish_backlog(

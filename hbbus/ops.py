@@ -374,8 +374,7 @@ async def _doctor_redis(settings: Settings, report: DoctorReport) -> None:
                 warning=True,
             )
             try:
-                conf = await store.redis.config_get("hash-max-listpack-value")
-                value = int(conf["hash-max-listpack-value"] or "")
+                value = await store.listpack_value()
             except (RedisError, KeyError, ValueError) as exc:  # CONFIG may be renamed away
                 report.add("redis memory", False, f"cannot read its settings ({exc})", True)
             else:

@@ -370,6 +370,14 @@ class Store:
         except (RedisError, OSError) as exc:
             raise Unavailable(f"Redis at {redact(url)}: {exc}") from None
 
+    async def listpack_value(self) -> int:
+        """Redis' ``hash-max-listpack-value`` (whether the buckets of packed records stay
+        listpacks: see ``hbbus.ops.listpack_advice``). Raises RedisError where CONFIG is
+        refused or renamed away, as managed Redis services often do; KeyError or ValueError
+        where the answer has no number."""
+        conf = await self.redis.config_get("hash-max-listpack-value")
+        return int(conf["hash-max-listpack-value"] or "")
+
     # -- the hot path ------------------------------------------------------------------------
     async def ingest(
         self,

@@ -5,17 +5,19 @@ Each test uses its own namespace; servers that must fail are the test's own."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 
 import aio_pika
 
 from hbbus.amqp import connect, declare_heartbeats
 from hbbus.names import Names
-from hbbus.store import StoreConfig
+from hbbus.store import Store, StoreConfig
 from hbbus.wire import Heartbeat
 from hbbus.workers.aggregator import AggregatorConfig
 from tests.conftest import FAST
 from tests.helpers import EventSink, drop_namespace, start_fleet
+from tests.servers import PrivateRedis
 
 # TTL 1.5 s; the observer is degraded after 2 s of watermark lag (the default)
 INTERVAL_S, MISSES = 0.5, 3
@@ -214,3 +216,47 @@ async def test_adaptive_deadlines_no_false_dead_under_jitter_and_stop_within_cei
     silent = dead[0]["at_ms"] - dead[0]["last_seen_ms"]
     assert silent <= 1000 + 250, f"dead after {silent} ms; the ceiling is 1000 ms"
     assert 200 < dead[0]["ttl_ms"] <= 1000, "the adaptive deadline, not the declared 200 ms"
+
+
+async def test_aggregator_start_advises_on_redis_memory_and_changes_nothing(
+    base_settings, private_redis, aggregators, caplog
+):
+    """With Redis' default hash-max-listpack-value (64) an aggregator says once, at start,
+    what `hbbus doctor` says, and leaves the setting alone; at 1024 it says nothing; where
+    CONFIG is renamed away it starts all the same."""
+    caplog.set_level(logging.DEBUG, logger="hbbus.aggregator")
+    ns = f"t-listpack-{secrets.token_hex(3)}"
+    settings = type(base_settings)(
+        amqp_url=base_settings.amqp_url, redis_url=private_redis.url, namespace=ns
+    )
+    store = Store.from_settings(settings)
+    no_config = PrivateRedis(args=("--rename-command", "CONFIG", "")).start()
+    renamed = type(settings)(
+        amqp_url=settings.amqp_url, redis_url=no_config.url, namespace=f"{ns}-noconfig"
+    )
+
+    def advice() -> list[str]:
+        return [
+            r.getMessage() for r in caplog.records if "hash-max-listpack-value" in r.getMessage()
+        ]
+
+    try:
+        assert await store.listpack_value() == 64  # Redis' default
+        await aggregators(1, s=settings)
+        assert len(advice()) == 1
+        assert advice()[0].startswith("Redis memory: hash-max-listpack-value is 64: ")
+        assert "CONFIG SET hash-max-listpack-value 1024" in advice()[0]
+        assert await store.listpack_value() == 64, "the operator's setting is left alone"
+
+        await store.redis.config_set("hash-max-listpack-value", 1024)
+        await aggregators(1, s=settings)
+        assert len(advice()) == 1, "no advice where records are kept compact"
+
+        await aggregators(1, s=renamed)  # starts and consumes
+        assert advice()[1].startswith("cannot read Redis' hash-max-listpack-value: ")
+        assert advice()[1:] == [advice()[1]]
+    finally:
+        await drop_namespace(settings)
+        await drop_namespace(renamed)
+        await store.close()
+        no_config.stop()

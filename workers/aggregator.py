@@ -51,6 +51,7 @@ from hbbus.amqp import (
 )
 from hbbus.errors import DeliveryFailed, InvalidMessage
 from hbbus.names import Names
+from hbbus.ops import listpack_advice
 from hbbus.runtime import cancel_and_wait, sleep_or_stop, stop_reason, wait_event
 from hbbus.settings import Settings
 from hbbus.store import ClaimResult, OutEvent, Store, StoreConfig
@@ -187,6 +188,20 @@ def direct_delivery(channel: aiormq.abc.AbstractChannel, take: Callable[[Incomin
 
     setattr(channel, "_on_deliver_frame", on_deliver)  # noqa: B010 (a protected hook)
     return True
+
+
+async def _advise_on_redis_memory(store: Store) -> None:
+    """One warning at start where Redis keeps the buckets of packed records as hashtables
+    (about 40 bytes more per tracked instance): what ``hbbus doctor`` says, for a deployment
+    that never runs it. Nothing is changed in Redis: its settings are the operator's."""
+    try:
+        value = await store.listpack_value()
+    except (RedisError, KeyError, ValueError) as exc:  # CONFIG refused: nothing to advise
+        log.debug("cannot read Redis' hash-max-listpack-value: %s", exc)
+        return
+    compact, advice = listpack_advice(value)
+    if not compact:
+        log.warning("Redis memory: %s", advice)
 
 
 def worker_name(role: str) -> str:
@@ -327,6 +342,7 @@ class Aggregator:
         self.store = store
         try:
             await store.ping(self.settings.redis_url)
+            await _advise_on_redis_memory(store)
             connection = await connect(self.settings, self.name)
             try:
                 await self._serve(connection, store, stop)
