@@ -349,7 +349,7 @@ def listpack_advice(value: int) -> tuple[bool, str]:
     if value >= LISTPACK_VALUE:
         return True, f"hash-max-listpack-value {value}: records are kept compact"
     return False, (
-        f"hash-max-listpack-value is {value}: each tracked instance takes about 40 bytes "
+        f"hash-max-listpack-value is {value}: each tracked instance takes about 50 bytes "
         f"more than it would with `CONFIG SET hash-max-listpack-value {LISTPACK_VALUE}` "
         "(and the same in redis.conf)"
     )

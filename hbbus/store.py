@@ -372,11 +372,15 @@ class Store:
 
     async def listpack_value(self) -> int:
         """Redis' ``hash-max-listpack-value`` (whether the buckets of packed records stay
-        listpacks: see ``hbbus.ops.listpack_advice``). Raises RedisError where CONFIG is
-        refused or renamed away, as managed Redis services often do; KeyError or ValueError
-        where the answer has no number."""
-        conf = await self.redis.config_get("hash-max-listpack-value")
-        return int(conf["hash-max-listpack-value"] or "")
+        listpacks: see ``hbbus.ops.listpack_advice``), ``hash-max-ziplist-value`` on a Redis
+        older than 7 (the same limit under its earlier name). Raises RedisError where CONFIG
+        is refused or renamed away, as managed Redis services often do; KeyError or
+        ValueError where the answer has no number."""
+        conf = await self.redis.config_get("hash-max-*-value")
+        value = conf.get("hash-max-listpack-value", conf.get("hash-max-ziplist-value"))
+        if value is None:
+            raise KeyError(f"CONFIG GET hash-max-*-value answered {conf!r}")
+        return int(value)
 
     # -- the hot path ------------------------------------------------------------------------
     async def ingest(

@@ -75,6 +75,8 @@ PROBE_MIN_GAP_MS = 5
 SENDING_BATCHES = 4
 #: on stop, how long to wait for the consume channel to cancel our consumer (the broker away)
 STOP_CONSUMING_S = 5.0
+#: the longest the start waits to read Redis' settings for _advise_on_redis_memory
+ADVICE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -192,12 +194,16 @@ def direct_delivery(channel: aiormq.abc.AbstractChannel, take: Callable[[Incomin
 
 async def _advise_on_redis_memory(store: Store) -> None:
     """One warning at start where Redis keeps the buckets of packed records as hashtables
-    (about 40 bytes more per tracked instance): what ``hbbus doctor`` says, for a deployment
-    that never runs it. Nothing is changed in Redis: its settings are the operator's."""
+    (about 50 bytes more per tracked instance): what ``hbbus doctor`` says, for a deployment
+    that never runs it. Nothing is changed in Redis: its settings are the operator's. Only
+    advice: whatever goes wrong reading the setting (CONFIG refused or renamed away, as
+    managed services do; a slow proxy) is said at debug level and never delays the start
+    by more than ADVICE_TIMEOUT_S."""
     try:
-        value = await store.listpack_value()
-    except (RedisError, KeyError, ValueError) as exc:  # CONFIG refused: nothing to advise
-        log.debug("cannot read Redis' hash-max-listpack-value: %s", exc)
+        async with asyncio.timeout(ADVICE_TIMEOUT_S):
+            value = await store.listpack_value()
+    except Exception as exc:
+        log.debug("cannot read Redis' hash-max-listpack-value: %s", str(exc) or repr(exc))
         return
     compact, advice = listpack_advice(value)
     if not compact:
